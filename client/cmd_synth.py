@@ -1,0 +1,9 @@
+"""`vilref-client` commands: synth."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the vilref-client app."""

@@ -1,0 +1,9 @@
+"""`vilref-server` commands: consortium set-up, sites, runs, export."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the vilref-server app."""
