@@ -10,6 +10,7 @@ from vilref_fed.objectives.wscl import (
     FN_TOLERANCE,
     WSCLLoss,
     false_negative_mask,
+    false_negative_threshold,
     refill_selection,
     wscl_from_similarity,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "WSCLLoss",
     "clip_loss",
     "false_negative_mask",
+    "false_negative_threshold",
     "is_labelled",
     "label_similarity",
     "refill_selection",

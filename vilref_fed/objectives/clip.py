@@ -23,8 +23,19 @@ def clip_loss_terms(
 ) -> tuple[Tensor, Tensor]:
     """(L_i2t, L_t2i): cross-entropy of each image over the texts and of each text over the images."""
     logits = _scaled_similarity(image_features, text_features, logit_scale)
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return F.cross_entropy(logits, targets), F.cross_entropy(logits.T, targets)
+    return symmetric_cross_entropy(logits, logits.T)
+
+
+def symmetric_cross_entropy(logits_i2t: Tensor, logits_t2i: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy of row i against column i, in both directions (the positive of anchor i is column i).
+
+    WSCL and CLIP both end here, with the transposed view built before either cross-entropy, so
+    the two objectives share one autograd graph shape; that is what lets the delta > 1, gamma = 0,
+    lam = 0 case match CLIP bit for bit (a different accumulation order would change the last bits
+    of the logit-scale gradient).
+    """
+    targets = torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
+    return F.cross_entropy(logits_i2t, targets), F.cross_entropy(logits_t2i, targets)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float) -> Tensor:

@@ -11,7 +11,8 @@ Our formulation (the paper's equations could not be checked; docs/architecture.m
   (logit + gamma * log(1 - w)) so that the whole row is one cross-entropy and stays stable at kappa = 100.
 - L = ½(L_i2t + L_t2i) + lam * mean_{i != j}(s_ij - w_ij)^2.
 
-Float tolerance: a pair is a false negative when w >= delta - FN_TOLERANCE (1e-6). Identical 0/1
+Float tolerance: a pair is a false negative when w >= delta * (1 - FN_TOLERANCE), a relative
+tolerance of 1e-6 (relative so that a tiny delta never turns w = 0 pairs into matches). Identical 0/1
 label vectors already give exactly 1.0 (see label_similarity), the tolerance catches soft or scaled
 label vectors whose cosine rounds to 0.99999994. The closest distinct multi-hot pair over 19 labels
 has cosine sqrt(18/19) ~ 0.973, far outside it. delta > 1 switches removal (and so refill) off
@@ -21,9 +22,9 @@ entirely, which is what makes delta > 1, gamma = 0, lam = 0 bit-identical to the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vilref_fed.objectives.clip import symmetric_cross_entropy
 from vilref_fed.objectives.label_similarity import is_labelled, label_similarity
 
 FN_TOLERANCE = 1e-6
@@ -32,6 +33,11 @@ FN_TOLERANCE = 1e-6
 def removal_enabled(delta: float) -> bool:
     """Whether any pair can be a false negative: cosine never exceeds 1, so delta > 1 removes nothing."""
     return delta <= 1.0
+
+
+def false_negative_threshold(delta: float) -> float:
+    """The label cosine from which a pair counts as a false negative (delta less a relative 1e-6)."""
+    return delta * (1.0 - FN_TOLERANCE)
 
 
 def false_negative_mask(
@@ -44,7 +50,7 @@ def false_negative_mask(
     """
     if not removal_enabled(delta):
         return torch.zeros(similarity.shape, dtype=torch.bool, device=similarity.device)
-    return (similarity >= delta - FN_TOLERANCE) & labelled_rows[:, None] & labelled_cols[None, :]
+    return (similarity >= false_negative_threshold(delta)) & labelled_rows[:, None] & labelled_cols[None, :]
 
 
 def refill_selection(
@@ -137,9 +143,7 @@ def wscl_from_similarity(
         logits_i2t = torch.cat([logits_i2t, logit_scale * queue_similarity_i2t + queue_bias], dim=1)
         logits_t2i = torch.cat([logits_t2i, logit_scale * queue_similarity_t2i + queue_bias], dim=1)
 
-    targets = torch.arange(batch, device=device)
-    loss_i2t = F.cross_entropy(logits_i2t, targets)
-    loss_t2i = F.cross_entropy(logits_t2i, targets)
+    loss_i2t, loss_t2i = symmetric_cross_entropy(logits_i2t, logits_t2i)
 
     coupled = similarity if lam != 0 else similarity.detach()
     if batch > 1:
