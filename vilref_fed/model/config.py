@@ -17,7 +17,9 @@ from typing import Any
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-VISION_TYPES = ("vit", "resnet", "efficientnet-lite")
+# "clip-vit" / "clip-resnet": OpenAI-CLIP towers (model/clip_towers.py) that the released ViLReF
+# weights import into exactly (model/import_chinese_clip.py).
+VISION_TYPES = ("vit", "resnet", "efficientnet-lite", "clip-vit", "clip-resnet")
 TEXT_TYPES = ("bert",)
 NORMS = ("batch", "group")
 
@@ -139,7 +141,7 @@ class ModelConfig:
             raise ValueError(f"unknown norm {v.norm!r}; use 'batch' or 'group'")
         if t.pooling not in ("cls", "mean"):
             raise ValueError(f"unknown text pooling {t.pooling!r}; use 'cls' or 'mean'")
-        if v.type == "vit" and self.image_size % v.patch_size:
+        if v.type in ("vit", "clip-vit") and self.image_size % v.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {v.patch_size}")
         if self.context_length > t.max_position_embeddings:
             raise ValueError(

@@ -161,6 +161,10 @@ def build_image_tower(cfg: ModelConfig, pretrained: bool = False) -> nn.Module:
         return ResNetTower(v, cfg.image_size, pretrained)
     if v.type == "efficientnet-lite":
         return EfficientNetLiteTower(v, cfg.image_size, pretrained)
+    if v.type in ("clip-vit", "clip-resnet"):
+        from vilref_fed.model.clip_towers import build_clip_image_tower
+
+        return build_clip_image_tower(cfg)
     raise ValueError(f"unknown image tower type {v.type!r}")
 
 
