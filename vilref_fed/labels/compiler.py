@@ -1,0 +1,159 @@
+"""Compile an ontology plus the cue lexicon into one scanner: a single regex pass finds every term.
+
+Every term (synonyms in all spellings, cues, eye markers, punctuation) is matched by one master regex;
+a dictionary keyed by the term with its separators removed says what the match means. Compiling once
+per ontology is what makes extraction fast (bench/labels.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+from vilref_fed.labels import lexicon as lx
+from vilref_fed.labels.trie import SEP, trie_pattern
+from vilref_fed.ontology import Ontology, OntologyError, normalise_term
+
+# Token kinds
+MENTION = 0  # a finding of a label
+NONFIND = 1  # consumed phrase with no label ("flame haemorrhages")
+CUE = 2
+EYE = 3
+AFFIRM = 4
+CONNECT = 5
+BOUNDARY = 6  # clause break (". ; 。 ! newline", "but", "但")
+COMMA = 7
+COLON = 8
+QUESTION = 9
+NORMAL_WORD = 10
+
+# Label states, ordered so that max() implements "positive wins"
+NEGATED = 1
+UNCERTAIN = 2
+POSITIVE = 3
+
+_DELETE_SEPARATORS = str.maketrans("", "", " \t-")
+_CJK = re.compile(r"[\u3000-\u303f\u3400-\u9fff\uf900-\ufaff\uff00-\uffef]")
+
+CDR_RE = (
+    r"(?:vertical[ \t]*)?"
+    r"(?:c[ \t]*/[ \t]*d|c[ \t]*:[ \t]*d|cdr|cup[ \t\-]*(?:to|/|:)?[ \t\-]*disc|杯盘比|杯/盘)"
+    r"(?:[ \t]*ratios?)?(?:[ \t]*(?:\(?(?:od|os|ou|右眼|左眼|双眼)\)?))?"
+    r"(?:[ \t]*(?:of|is|was|=|:|~|≈|约|为|approximately|approx\.?|about|around|estimated at))*"
+    r"[ \t]*(?P<cdrv>0?\.\d{1,2}|1\.0|0|1)(?![\d.])"
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a matched term means: a kind plus its payload (label index and base state, cue type ...)."""
+
+    kind: int
+    a: object = None
+    b: object = None
+    case_forms: frozenset[str] | None = None  # set for case-sensitive abbreviations
+
+
+def _sep(term: str) -> str:
+    """The trie form of a term: normalised, with SEP wherever a space or hyphen may be."""
+    return normalise_term(term).replace(" ", SEP)
+
+
+def key_of(text: str) -> str:
+    return text.translate(_DELETE_SEPARATORS)
+
+
+def spelling_variants(term: str, spelling: tuple[tuple[str, tuple[str, ...]], ...]) -> list[str]:
+    """All spellings of a normalised term: every listed variant of every canonical piece inside it."""
+    slots = [(canon, (canon, *variants)) for canon, variants in spelling if canon in term]
+    if not slots:
+        return [term]
+    pattern = re.compile("|".join(re.escape(c) for c, _ in sorted(slots, key=lambda s: -len(s[0]))))
+    parts = pattern.split(term)
+    found = pattern.findall(term)
+    choices = [dict(slots)[f] for f in found]
+    out = []
+    for combo in itertools.product(*choices):
+        pieces = [parts[0]]
+        for rep, tail in zip(combo, parts[1:], strict=True):
+            pieces.append(rep)
+            pieces.append(tail)
+        out.append("".join(pieces))
+    return out
+
+
+class Scanner:
+    """The compiled master regex plus the term table for one ontology."""
+
+    def __init__(self, ontology: Ontology) -> None:
+        self.ontology = ontology
+        self.table: dict[str, Entry] = {}
+        self._origin: dict[str, str] = {}
+        en_terms: list[str] = []
+        zh_terms: list[str] = []
+
+        def add(term: str, entry: Entry, origin: str, expand: bool = True) -> None:
+            norm = normalise_term(term)
+            forms = spelling_variants(norm, ontology.spelling) if expand else [norm]
+            for form in forms:
+                key = key_of(form)
+                old = self.table.get(key)
+                if old is not None and old != entry:
+                    raise OntologyError(
+                        f"{origin} ({term!r}) collides with {self._origin[key]}: the same words cannot mean "
+                        "two different things; remove or rephrase one of them"
+                    )
+                if old is None:
+                    self.table[key] = entry
+                    self._origin[key] = origin
+                    (zh_terms if _CJK.search(form) else en_terms).append(form.replace(" ", SEP))
+
+        # Cues first, so that a synonym colliding with a cue word is reported against the synonym.
+        for words, ctype in (
+            (lx.NEGATION, lx.NEG),
+            (lx.HEDGES, lx.HEDGE),
+            (lx.HISTORY, lx.HIST),
+            (lx.PLANS, lx.PLAN),
+        ):
+            for word, direction in words.items():
+                add(word, Entry(CUE, ctype, direction), f"cue {word!r}", expand=False)
+        for word in lx.BOUNDARY_WORDS:
+            add(word, Entry(BOUNDARY), f"clause word {word!r}", expand=False)
+        for word in lx.AFFIRMATIONS:
+            add(word, Entry(AFFIRM), f"affirmation {word!r}", expand=False)
+        for word in lx.CONNECTORS:
+            add(word, Entry(CONNECT), f"connector {word!r}", expand=False)
+        for word, eye in lx.EYES.items():
+            add(word, Entry(EYE, eye), f"eye marker {word!r}", expand=False)
+        for word, eye in lx.EYES_CASE_SENSITIVE.items():
+            add(word, Entry(EYE, eye, case_forms=frozenset({word})), f"eye marker {word!r}", expand=False)
+        for word in lx.NORMAL_WORDS:
+            add(word, Entry(NORMAL_WORD), f"normal word {word!r}", expand=False)
+        for term in ontology.non_findings_en + ontology.non_findings_zh:
+            add(term, Entry(NONFIND), f"non-finding {term!r}")
+        for i, lab in enumerate(ontology.labels):
+            for term in lab.synonyms_en + lab.synonyms_zh:
+                add(term, Entry(MENTION, i, POSITIVE), f"synonym of {lab.id!r}")
+            for term in lab.uncertain_synonyms_en + lab.uncertain_synonyms_zh:
+                add(term, Entry(MENTION, i, UNCERTAIN), f"uncertain synonym of {lab.id!r}")
+            for abbr in lab.abbreviations:
+                letters = key_of(abbr)
+                case = frozenset({letters}) if len(letters) <= 2 else None
+                add(
+                    abbr,
+                    Entry(MENTION, i, POSITIVE, case),
+                    f"abbreviation {abbr!r} of {lab.id!r}",
+                    expand=False,
+                )
+
+        en = trie_pattern(en_terms)
+        zh = trie_pattern(zh_terms)
+        self.regex = re.compile(
+            rf"(?P<cdr>{CDR_RE})"
+            rf"|(?<![a-z0-9])(?P<w>{en})(?:e?s)?(?![a-z0-9])"
+            rf"|(?P<z>{zh})"
+            r"|(?P<p>[;!\n\r,:?。、]|\.(?!\d))"
+        )
+        self.glaucoma = ontology.index("glaucoma") if "glaucoma" in ontology.label_ids else None
+        self.normal = ontology.index("normal") if "normal" in ontology.label_ids else None
