@@ -252,7 +252,7 @@ def test_false_negative_never_reaches_a_denominator(seed, gamma, lam):
     (grad,) = torch.autograd.grad(contrastive, sim)
     w = label_similarity(labels, labels)
     eye = torch.eye(batch, dtype=torch.bool)
-    fn = false_negative_mask(w, 1.0, is_labelled(labels), is_labelled(labels)) & ~eye
+    fn = false_negative_mask(w, 1.0) & ~eye
     assert fn[0, 1] and fn[1, 0]
     assert torch.all(grad[fn] == 0), "d loss / d s_ij must be exactly 0 for every false negative j of i"
     keeps_weight = ~fn & ~eye & ((1 - w) > 0 if gamma > 0 else torch.ones_like(fn))
@@ -269,8 +269,7 @@ def test_false_negative_never_reaches_a_denominator(seed, gamma, lam):
 def test_empty_label_rows_never_make_false_negatives_even_at_tiny_delta():
     labels = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 1]], dtype=torch.float32)
     w = label_similarity(labels, labels)
-    lab = is_labelled(labels)
-    fn = false_negative_mask(w, 1e-9, lab, lab) & ~torch.eye(5, dtype=torch.bool)
+    fn = false_negative_mask(w, 1e-9) & ~torch.eye(5, dtype=torch.bool)
     assert not fn[0].any() and not fn[1].any() and not fn[:, 0].any() and not fn[:, 1].any()
     assert fn[2, 3] and fn[3, 2] and not fn[2, 4]
 
@@ -278,11 +277,10 @@ def test_empty_label_rows_never_make_false_negatives_even_at_tiny_delta():
 def test_delta_one_uses_a_small_tolerance_for_float_cosines():
     soft = torch.tensor([[0.1, 0.2, 0.3], [0.3, 0.6, 0.9], [0.1, 0.2, 0.0]], dtype=torch.float32)
     w = label_similarity(soft, soft)
-    lab = is_labelled(soft)
-    fn = false_negative_mask(w, 1.0, lab, lab)
+    fn = false_negative_mask(w, 1.0)
     assert fn[0, 1] and fn[1, 0]  # parallel soft labels: cosine 1 up to float rounding
     assert not fn[0, 2]
-    assert not false_negative_mask(w, 1.0 + 2 * FN_TOLERANCE, lab, lab).any()  # delta > 1 removes nothing
+    assert not false_negative_mask(w, 1.0 + 2 * FN_TOLERANCE).any()  # delta > 1 removes nothing
 
 
 # ----------------------------------------------------------------------------------------- refill
@@ -294,14 +292,9 @@ def test_refill_takes_most_recent_dissimilar_entries_and_restores_b_minus_1(seed
     labels = random_labels(gen, batch, num_labels, p_empty=0.15)
     queue_labels = random_labels(gen, queue, num_labels, p_empty=0.15)
     valid = torch.arange(queue) < int(torch.randint(queue // 2, queue + 1, (1,), generator=gen))
-    lab = is_labelled(labels)
-    fn = false_negative_mask(label_similarity(labels, labels), delta, lab, lab) & ~torch.eye(
-        batch, dtype=torch.bool
-    )
+    fn = false_negative_mask(label_similarity(labels, labels), delta) & ~torch.eye(batch, dtype=torch.bool)
     vacancies = fn.sum(1)
-    selected = refill_selection(
-        label_similarity(labels, queue_labels), vacancies, delta, lab, is_labelled(queue_labels), valid
-    )
+    selected = refill_selection(label_similarity(labels, queue_labels), vacancies, delta, valid)
     for i in range(batch):
         y_i = labels[i].tolist()
         chosen = selected[i].nonzero().flatten().tolist()
@@ -350,13 +343,8 @@ def test_refilled_queue_entries_receive_gradient_exactly_where_selected():
         queue_valid=valid,
     )
     g_i2t, g_t2i = torch.autograd.grad(out["loss"], (q_i2t, q_t2i))
-    lab = is_labelled(labels)
-    fn = false_negative_mask(label_similarity(labels, labels), 1.0, lab, lab) & ~torch.eye(
-        batch, dtype=torch.bool
-    )
-    selected = refill_selection(
-        label_similarity(labels, queue_labels), fn.sum(1), 1.0, lab, is_labelled(queue_labels), valid
-    )
+    fn = false_negative_mask(label_similarity(labels, labels), 1.0) & ~torch.eye(batch, dtype=torch.bool)
+    selected = refill_selection(label_similarity(labels, queue_labels), fn.sum(1), 1.0, valid)
     assert selected.any()
     assert torch.equal(g_i2t != 0, selected) and torch.equal(g_t2i != 0, selected)
     assert not selected[5].any(), "an unlabelled anchor has no vacancy to refill"

@@ -40,9 +40,7 @@ def label_similarity(labels_a: Tensor, labels_b: Tensor) -> Tensor:
     dot = a @ b.T
     sq_a = (a * a).sum(dim=1)
     sq_b = (b * b).sum(dim=1)
-    denom = torch.sqrt(sq_a[:, None] * sq_b[None, :])
-    positive = denom > 0
-    sim = torch.where(
-        positive, dot / torch.where(positive, denom, torch.ones_like(denom)), torch.zeros_like(dot)
-    )
-    return sim.clamp(-1.0, 1.0)
+    # An empty row has dot = 0 with everything, so clamping its zero norm to the smallest normal
+    # float gives 0 / tiny = 0 without a separate mask (and leaves every real norm untouched).
+    denom = torch.sqrt(sq_a[:, None] * sq_b[None, :]).clamp_min_(torch.finfo(dtype).tiny)
+    return (dot / denom).clamp_(-1.0, 1.0)

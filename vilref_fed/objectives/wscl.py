@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from vilref_fed.objectives.clip import symmetric_cross_entropy
-from vilref_fed.objectives.label_similarity import is_labelled, label_similarity
+from vilref_fed.objectives.label_similarity import label_similarity
 
 FN_TOLERANCE = 1e-6
 
@@ -37,39 +37,40 @@ def removal_enabled(delta: float) -> bool:
 
 def false_negative_threshold(delta: float) -> float:
     """The label cosine from which a pair counts as a false negative (delta less a relative 1e-6)."""
+    if not delta > 0:
+        raise ValueError(
+            f"delta must be > 0 (got {delta}): at delta <= 0 every pair would be a false negative"
+        )
     return delta * (1.0 - FN_TOLERANCE)
 
 
-def false_negative_mask(
-    similarity: Tensor, delta: float, labelled_rows: Tensor, labelled_cols: Tensor
-) -> Tensor:
-    """[A, K] bool: pairs whose label similarity reaches delta, never involving an unlabelled row.
+def false_negative_mask(similarity: Tensor, delta: float) -> Tensor:
+    """[A, K] bool: pairs whose label similarity reaches delta. The diagonal is the caller's concern.
 
-    The explicit labelled masks matter when delta <= 0 would otherwise make w = 0 pairs "similar":
-    an unlabelled report is unknown, not a match for everything. The diagonal is the caller's concern.
+    Unlabelled rows never qualify without a separate mask: their similarity is 0 with everything
+    and the threshold is > 0 (delta > 0 is enforced), so an unknown report never matches anything.
     """
     if not removal_enabled(delta):
         return torch.zeros(similarity.shape, dtype=torch.bool, device=similarity.device)
-    return (similarity >= false_negative_threshold(delta)) & labelled_rows[:, None] & labelled_cols[None, :]
+    return similarity >= false_negative_threshold(delta)
 
 
 def refill_selection(
-    queue_similarity: Tensor,
-    vacancies: Tensor,
-    delta: float,
-    labelled_anchors: Tensor,
-    labelled_queue: Tensor,
-    queue_valid: Tensor | None = None,
+    queue_similarity: Tensor, vacancies: Tensor, delta: float, queue_valid: Tensor | None = None
 ) -> Tensor:
     """[B, K] bool: for each anchor, its `vacancies[i]` most recent eligible queue entries.
 
-    The queue is ordered most-recent-first, so "the n most recent eligible entries" is a prefix
-    count: eligible & (running count of eligible entries <= n). One cumsum over [B, K] replaces a
-    per-anchor top-k, needs no host sync, and takes fewer entries only when fewer are eligible.
+    queue_similarity[i, k] = w(y_i, Q_y[k]) with the queue ordered most-recent-first, so "the n most
+    recent entries with w < delta" is a prefix count: eligible & (running count of eligible <= n).
+    One cumsum over [B, K] replaces a per-anchor top-k, needs no host sync, and takes fewer entries
+    only when fewer are eligible. Unlabelled queue entries (w = 0) are always eligible.
     """
-    eligible = ~false_negative_mask(queue_similarity, delta, labelled_anchors, labelled_queue)
+    if removal_enabled(delta):
+        eligible = queue_similarity < false_negative_threshold(delta)
+    else:
+        eligible = torch.ones(queue_similarity.shape, dtype=torch.bool, device=queue_similarity.device)
     if queue_valid is not None:
-        eligible = eligible & queue_valid[None, :]
+        eligible &= queue_valid[None, :]
     return eligible & (eligible.cumsum(dim=1) <= vacancies[:, None])
 
 
@@ -109,9 +110,8 @@ def wscl_from_similarity(
     device = similarity.device
     eye = torch.eye(batch, dtype=torch.bool, device=device)
     labels = labels.to(similarity.dtype)
-    labelled = is_labelled(labels)
     w = label_similarity(labels, labels).masked_fill(eye, 1.0)
-    false_neg = false_negative_mask(w, delta, labelled, labelled) & ~eye
+    false_neg = false_negative_mask(w, delta) & ~eye
 
     bias = _log_alpha(w, gamma)
     if bias is not None:
@@ -132,14 +132,10 @@ def wscl_from_similarity(
         if queue_similarity_t2i is None or queue_labels is None:
             raise ValueError("queue refill needs queue similarities in both directions and queue_labels")
         w_queue = label_similarity(labels, queue_labels.to(similarity.dtype))
-        selected = refill_selection(
-            w_queue, vacancies, delta, labelled, is_labelled(queue_labels), queue_valid
-        )
+        selected = refill_selection(w_queue, vacancies, delta, queue_valid)
         refilled = selected.sum(dim=1)
         queue_bias = _log_alpha(w_queue, gamma)
-        if queue_bias is None:
-            queue_bias = torch.zeros_like(w_queue)
-        queue_bias = queue_bias.masked_fill(~selected, float("-inf"))
+        queue_bias = torch.where(selected, 0.0 if queue_bias is None else queue_bias, float("-inf"))
         logits_i2t = torch.cat([logits_i2t, logit_scale * queue_similarity_i2t + queue_bias], dim=1)
         logits_t2i = torch.cat([logits_t2i, logit_scale * queue_similarity_t2i + queue_bias], dim=1)
 
@@ -207,10 +203,7 @@ class WSCLLoss(nn.Module):
 
     def __init__(self, delta: float = 1.0, gamma: float = 1.0, lam: float = 1.0, refill: bool = True) -> None:
         super().__init__()
-        if not delta > 0:
-            raise ValueError(
-                f"delta must be > 0 (got {delta}): at delta <= 0 every labelled pair is a false negative"
-            )
+        false_negative_threshold(delta)  # refuses delta <= 0
         if gamma < 0:
             raise ValueError(
                 f"gamma must be >= 0 (got {gamma}): a negative exponent would push similar pairs harder"
