@@ -20,10 +20,14 @@ from vilref_fed.memory.distributed import concat_all_gather
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    """The bare module inside DDP/DataParallel wrappers, so parameter names line up with the copy."""
-    while isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        module = module.module
-    return module
+    """The bare module inside DDP/DataParallel/torch.compile wrappers, so parameter names line up."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        else:
+            return module
 
 
 class BatchExpansion(nn.Module):
