@@ -213,6 +213,7 @@ def prepare_module_for_dp(module: nn.Module) -> nn.Module:
             f"({', '.join(bare)}); "
             "freeze them (requires_grad_(False)) or move them into a submodule before enabling DP"
         )
+    module.train()  # from_pretrained returns eval(); Opacus records no activations then
     if not ModuleValidator.is_valid(module):
         module = ModuleValidator.fix(module)
     errors = ModuleValidator.validate(module, strict=False)
@@ -260,7 +261,10 @@ class DPTraining:
         """Epsilon spent so far (all rounds whose accountant history was restored included)."""
         if len(self.engine.accountant) == 0:
             return 0.0
-        return float(self.engine.get_epsilon(self.delta))
+        with warnings.catch_warnings():
+            # at the edge of the RDP order grid the bound is valid, only looser
+            warnings.filterwarnings("ignore", message="Optimal order is the")
+            return float(self.engine.get_epsilon(self.delta))
 
     def accountant_state(self) -> dict[str, Any]:
         """JSON-able accountant history, to persist in the site's state between federated rounds."""
@@ -312,7 +316,10 @@ def make_private(
         raise ValueError("no training examples: DP-SGD needs at least one labelled example")
     sample_rate = 1.0 / len(data_loader)
     delta = config.delta if config.delta is not None else default_delta(n)
-    engine = PrivacyEngine(accountant=config.accountant)
+    with warnings.catch_warnings():
+        # Opacus warns that its secure RNG (torchcsprng) is off; we draw our generators' seeds from the OS.
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        engine = PrivacyEngine(accountant=config.accountant)
     if accountant_state:
         if accountant_state.get("mechanism") != config.accountant:
             raise ValueError(
@@ -351,6 +358,17 @@ def make_private(
     if sampler is not None and hasattr(sampler, "generator"):
         sampler.generator = torch.Generator().manual_seed(base ^ 0x5DEECE66D)
     return DPTraining(dp_module, dp_optimizer, dp_loader, engine, config, float(delta), sigma, sample_rate)
+
+
+def projected_epsilon(dp: DPTraining, steps: int) -> float:
+    """Epsilon after `steps` more steps at this training's noise and sample rate (nothing is spent)."""
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=dp.engine.accountant.mechanism())
+    acc.history = [*dp.engine.accountant.history, (dp.noise_multiplier, dp.sample_rate, int(steps))]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        return float(acc.get_epsilon(dp.delta))
 
 
 # --------------------------------------------------------------------------- the independence probe
