@@ -179,16 +179,22 @@ def _item_unit_key(item: Mapping[str, Any], index: int) -> tuple[str, bool]:
 
 
 def dataset_unit_keys(dataset: Dataset) -> tuple[list[str], str] | None:
-    """Patient keys the dataset exposes without loading images (`patient_keys` attribute), if any."""
-    keys = getattr(dataset, "patient_keys", None)
-    if callable(keys):
-        keys = keys()
-    if keys is None:
-        return None
-    keys = [str(k) for k in keys]
-    if len(keys) != len(dataset):
-        raise ValueError("the dataset's patient_keys do not match its length")
-    return keys, "patient"
+    """Patient keys the dataset exposes without loading images, if any.
+
+    Understood: `patient_keys` / `patient_ids` (list or method) and SiteDataset's `groups()` (the
+    keyed patient; an image without a patient ID falls back to its study, then to itself).
+    """
+    for attr in ("patient_keys", "patient_ids", "groups"):
+        keys = getattr(dataset, attr, None)
+        if callable(keys):
+            keys = keys()
+        if keys is None:
+            continue
+        keys = [str(k) for k in keys]
+        if len(keys) != len(dataset):
+            raise ValueError(f"the dataset's {attr} do not match its length")
+        return keys, "patient"
+    return None
 
 
 def _collate_items(items: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -196,7 +202,11 @@ def _collate_items(items: list[Mapping[str, Any]]) -> dict[str, Any]:
         "image": torch.stack([it["image"] for it in items]),
         "labels": torch.stack([torch.as_tensor(it["labels"], dtype=torch.float32) for it in items]),
     }
-    out["items"] = [{k: v for k, v in it.items() if k not in ("image", "labels", "text")} for it in items]
+    if all("truth" in it for it in items):
+        out["truth"] = torch.stack([torch.as_tensor(it["truth"], dtype=torch.float32) for it in items])
+    out["items"] = [
+        {k: v for k, v in it.items() if k not in ("image", "labels", "text", "truth")} for it in items
+    ]
     return out
 
 
@@ -508,28 +518,33 @@ def _train_finetune(model, dataset, config, *, num_labels, head, accountant_stat
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict(model: nn.Module, head: MultiLabelHead, dataset: Dataset, config: HeadConfig,
-            encoder: ImageFeatures | None = None) -> tuple[Tensor, Tensor]:
-    """(labels [N, L], probabilities [N, L]) for every image of the dataset."""
-    if encoder is not None:
-        was = encoder.training
-        encoder.eval()
-        table_feats, table_labels = [], []
-        loader = DataLoader(dataset, batch_size=config.feature_batch_size, collate_fn=_collate_items)
-        for batch in loader:
-            table_feats.append(encoder(batch["image"]))
-            table_labels.append(batch["labels"])
+            encoder: ImageFeatures | None = None, target: str = "labels") -> tuple[Tensor, Tensor]:
+    """(targets [N, L], probabilities [N, L]) for every image of the dataset.
+
+    target "labels" compares with the training labels (extracted from reports); "truth" with the
+    image-level ground truth a synthetic hospital carries (what the utility table reports).
+    """
+    encoder = encoder if encoder is not None else ImageFeatures(model, config.feature)
+    was = encoder.training
+    encoder.eval()
+    feats, targets = [], []
+    try:
+        for batch in DataLoader(dataset, batch_size=config.feature_batch_size, collate_fn=_collate_items):
+            if target == "truth" and "truth" not in batch:
+                raise ValueError("this dataset has no ground truth; evaluate against its labels instead")
+            feats.append(encoder(batch["image"]).float())
+            targets.append(batch["truth"] if target == "truth" else batch["labels"])
+    finally:
         encoder.train(was)
-        feats, labels = torch.cat(table_feats), torch.cat(table_labels)
-    else:
-        table = extract_features(model, dataset, config.feature, config.feature_batch_size)
-        feats, labels = table.features, table.labels
-    return labels, torch.sigmoid(head(feats))
+    return torch.cat(targets), torch.sigmoid(head(torch.cat(feats)))
 
 
 def evaluate_head(model: nn.Module, head: MultiLabelHead, dataset: Dataset, config: HeadConfig,
-                  label_ids: Sequence[str], encoder: ImageFeatures | None = None) -> dict[str, Any]:
-    labels, scores = predict(model, head, dataset, config, encoder)
-    return multilabel_auc(labels, scores, label_ids)
+                  label_ids: Sequence[str], encoder: ImageFeatures | None = None,
+                  target: str = "labels") -> dict[str, Any]:
+    """Macro AUC (and per-label AUC) of the head's probabilities on a dataset."""
+    targets, scores = predict(model, head, dataset, config, encoder, target)
+    return multilabel_auc(targets, scores, label_ids)
 
 
 # --------------------------------------------------------------------------- federation helpers

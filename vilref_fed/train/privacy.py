@@ -179,15 +179,16 @@ def noise_multiplier_for(
     """The noise multiplier that spends exactly (epsilon, delta) over `steps` Poisson-sampled steps."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(
-        get_noise_multiplier(
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        sigma = get_noise_multiplier(
             target_epsilon=epsilon,
             target_delta=delta,
             sample_rate=sample_rate,
             steps=steps,
             accountant=accountant,
         )
-    )
+    return float(sigma)
 
 
 # --------------------------------------------------------------------------- model preparation
