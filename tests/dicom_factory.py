@@ -277,3 +277,15 @@ def write_dicom(
 def with_new_uid(ident: Identity) -> Identity:
     """The same patient and study, a new SOP Instance UID (a re-export of the same pixels)."""
     return replace(ident, sop_uid=generate_uid())
+
+
+def write_jpeg_export(root: Path, n: int, size: int = 64, first: int = 0) -> list[Path]:
+    """`n` single-frame JPEG (YBR_FULL_422) OP files, one study each, alternating eyes, in nested folders
+    the way PACS exports lay them out. Study `first + i` has accession ACCQX{first + i:06d}."""
+    paths = []
+    for i in range(first, first + n):
+        ident = identity(i, laterality="R" if i % 2 else "L")
+        paths.append(
+            write_dicom(Path(root) / f"study {i // 10:03d}" / f"IM {i:05d}", "jpeg_ybr422", ident, size, i)
+        )
+    return paths
