@@ -40,16 +40,22 @@ def render_histograms_png(
     for i, label in enumerate(label_ids):
         ax = fig.add_subplot(rows, cols, i + 1)
         col = scores[:, i] if scores.size else np.zeros(0)
-        ax.hist(col, bins=bins, color="#4c78a8", edgecolor="white", linewidth=0.4)
+        counts, _ = np.histogram(col, bins=bins)
+        # One filled step artist per panel (not 25 bar patches): the page is built in well under a second.
+        ax.stairs(counts, bins, fill=True, color="#4c78a8")
         t = thresholds.get(label)
         if t is not None:
             ax.axvline(t, color="#d62728", linestyle="--", linewidth=1.2)
-        ax.set_title(label_names.get(label, label), fontsize=8)
+        # A plain text title and fixed, sparse ticks: matplotlib's automatic tick and title layout
+        # otherwise costs more than the rest of the screening report together.
+        ax.text(0.5, 1.03, label_names.get(label, label), transform=ax.transAxes, ha="center", fontsize=8)
+        top = max(1, int(counts.max(initial=0)))
         ax.set_xlim(0, 1)
+        ax.set_ylim(0, top * 1.1)
+        ax.set_xticks([0.0, 0.5, 1.0])
+        ax.set_yticks([0, top])
         ax.tick_params(labelsize=6)
-        if col.size and np.ptp(np.histogram(col, bins=bins)[0]) > 20:
-            ax.set_yscale("log")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.06, top=0.95, wspace=0.25, hspace=0.55)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -143,7 +149,8 @@ def build_report_html(
     rejected = summary.get("rejected_by_reason", {})
     if rejected:
         add(
-            "<p>Rejected files by reason (file list in <code>rejected.csv</code>, kept out of this page):</p>"
+            "<p>Rejected files by reason (the file list is in <code>private/rejected.csv</code>, "
+            "kept out of this page):</p>"
             "<table>"
         )
         add("<tr><th>Reason</th><th>Files</th></tr>")
