@@ -27,6 +27,9 @@ COMMA = 7
 COLON = 8
 QUESTION = 9
 NORMAL_WORD = 10
+MEASURE = 11  # a cup-to-disc ratio value: a finding, but never an item of a comma list
+ANATOMY = 12  # a site ("macula", "视盘") that gives meaning to a later lesion word
+LESION = 13  # a lesion word ("oedema", "水肿") that names a label only after a site
 
 # Label states, ordered so that max() implements "positive wins"
 NEGATED = 1
@@ -36,8 +39,8 @@ POSITIVE = 3
 _DELETE_SEPARATORS = str.maketrans("", "", " \t-")
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u9fff\uf900-\ufaff\uff00-\uffef]")
 
+# Cup-to-disc ratio with a value. Starts with plain literals so `re` can skip to candidate positions.
 CDR_RE = (
-    r"(?:vertical[ \t]*)?"
     r"(?:c[ \t]*/[ \t]*d|c[ \t]*:[ \t]*d|cdr|cup[ \t\-]*(?:to|/|:)?[ \t\-]*disc|杯盘比|杯/盘)"
     r"(?:[ \t]*ratios?)?(?:[ \t]*(?:\(?(?:od|os|ou|右眼|左眼|双眼)\)?))?"
     r"(?:[ \t]*(?:of|is|was|=|:|~|≈|约|为|approximately|approx\.?|about|around|estimated at))*"
@@ -88,7 +91,8 @@ class Scanner:
 
     def __init__(self, ontology: Ontology) -> None:
         self.ontology = ontology
-        self.table: dict[str, Entry] = {}
+        self.table: dict[str, Entry] = {}  # key: the term with spaces/hyphens removed
+        self.forms: dict[str, Entry] = {}  # the same terms as written (single spaces)
         self._origin: dict[str, str] = {}
         en_terms: list[str] = []
         zh_terms: list[str] = []
@@ -107,6 +111,8 @@ class Scanner:
                 if old is None:
                     self.table[key] = entry
                     self._origin[key] = origin
+                if form not in self.forms:  # "epi retinal" and "epiretinal" share a key, not a pattern
+                    self.forms[form] = entry
                     (zh_terms if _CJK.search(form) else en_terms).append(form.replace(" ", SEP))
 
         # Cues first, so that a synonym colliding with a cue word is reported against the synonym.
@@ -132,6 +138,16 @@ class Scanner:
             add(word, Entry(NORMAL_WORD), f"normal word {word!r}", expand=False)
         for term in ontology.non_findings_en + ontology.non_findings_zh:
             add(term, Entry(NONFIND), f"non-finding {term!r}")
+        for site, words in ontology.anatomy:
+            for word in words:
+                add(word, Entry(ANATOMY, site), f"anatomy word {word!r}")
+        # (site, lesion) -> label index; the lesion token carries its canonical form
+        self.site_findings: dict[tuple[str, str], int] = {}
+        for site, label_id, terms in ontology.site_findings:
+            for term in terms:
+                canon = normalise_term(term)
+                add(term, Entry(LESION, canon), f"lesion word {term!r}")
+                self.site_findings[(site, canon)] = ontology.index(label_id)
         for i, lab in enumerate(ontology.labels):
             for term in lab.synonyms_en + lab.synonyms_zh:
                 add(term, Entry(MENTION, i, POSITIVE), f"synonym of {lab.id!r}")
@@ -147,13 +163,11 @@ class Scanner:
                     expand=False,
                 )
 
-        en = trie_pattern(en_terms)
-        zh = trie_pattern(zh_terms)
-        self.regex = re.compile(
-            rf"(?P<cdr>{CDR_RE})"
-            rf"|(?<![a-z0-9])(?P<w>{en})(?:e?s)?(?![a-z0-9])"
-            rf"|(?P<z>{zh})"
-            r"|(?P<p>[;!\n\r,:?。、]|\.(?!\d))"
-        )
+        # Separate passes: one combined alternation would defeat `re`'s first-character skipping and
+        # costs several times more than the four passes together.
+        self.en_regex = re.compile(rf"(?<![a-z0-9])(?:{trie_pattern(en_terms)})(?:e?s)?(?![a-z0-9])")
+        self.zh_regex = re.compile(trie_pattern(zh_terms))
+        self.punct_regex = re.compile(r"[;!\n\r,:?。、.]")
+        self.cdr_regex = re.compile(CDR_RE)
         self.glaucoma = ontology.index("glaucoma") if "glaucoma" in ontology.label_ids else None
         self.normal = ontology.index("normal") if "normal" in ontology.label_ids else None

@@ -27,12 +27,15 @@ from typing import Any
 from vilref_fed.labels import lexicon as lx
 from vilref_fed.labels.compiler import (
     AFFIRM,
+    ANATOMY,
     BOUNDARY,
     COLON,
     COMMA,
     CONNECT,
     CUE,
     EYE,
+    LESION,
+    MEASURE,
     MENTION,
     NEGATED,
     NONFIND,
@@ -41,7 +44,6 @@ from vilref_fed.labels.compiler import (
     QUESTION,
     UNCERTAIN,
     Scanner,
-    key_of,
 )
 from vilref_fed.ontology import Ontology, load_ontology
 
@@ -76,6 +78,7 @@ _EYE_ALIASES = {
     "双眼": None,
     "": None,
 }
+_DELETE_SEPARATORS = str.maketrans("", "", " \t-")
 _CUE_STATE = {lx.NEG: NEGATED, lx.HEDGE: UNCERTAIN, lx.HIST: 0, lx.PLAN: 0}
 
 
@@ -124,6 +127,8 @@ def _normalise(text: str) -> tuple[str, str]:
 
 
 class _Seg:
+    """A comma/colon-delimited stretch of a clause: its span, the separator before it, its tokens."""
+
     __slots__ = ("start", "end", "sep", "toks")
 
     def __init__(self, start: int, sep: int | None) -> None:
@@ -133,188 +138,260 @@ class _Seg:
         self.toks: list[tuple] = []
 
 
+_FINDINGS = frozenset({MENTION, MEASURE, LESION})
+_LIST_ITEMS = frozenset({MENTION, NONFIND, LESION})
+_PUNCT_KIND = {",": COMMA, ":": COLON, "?": QUESTION, "、": CONNECT}
+_CDR_TRIGGERS = ("c/d", "cdr", "cup", "c:d", "杯")
+
+
+def _by_position(tok: tuple) -> tuple[int, int]:
+    return tok[0], -tok[1]
+
+
 class LabelExtractor:
     """Reads reports against one ontology; compile once, then call `extract` per report."""
 
     def __init__(self, ontology: Ontology) -> None:
         self.ontology = ontology
         self.scanner = Scanner(ontology)
-        self._regex = self.scanner.regex
-        self._table = self.scanner.table
+        sc = self.scanner
+        self._en, self._zh, self._punct, self._cdr = sc.en_regex, sc.zh_regex, sc.punct_regex, sc.cdr_regex
+        self._table = self._lookup_table(sc)
         self._ids = ontology.label_ids
-        self._normal = self.scanner.normal
-        self._glaucoma = self.scanner.glaucoma
+        self._normal = sc.normal
+        self._glaucoma = sc.glaucoma
+        self._site_findings = sc.site_findings
+
+    @staticmethod
+    def _lookup_table(sc: Scanner) -> dict[str, tuple]:
+        """Matched text -> (kind, a, b, case forms, length of the unsuffixed term).
+
+        Holds each term compact ("nonproliferative"), as written ("non proliferative") and with plural
+        endings, so the common case is one dictionary hit without rewriting the matched text.
+        """
+        table: dict[str, tuple] = {}
+        for source in (sc.table, sc.forms):
+            for key, e in source.items():
+                table[key] = (e.kind, e.a, e.b, e.case_forms, len(key))
+        for key, value in list(table.items()):
+            if key.isascii():
+                table.setdefault(key + "s", value)
+                table.setdefault(key + "es", value)
+        return table
 
     # ---- tokenising -------------------------------------------------------------------------------
     def _tokens(self, text: str, low: str) -> list[tuple]:
-        """(kind, start, end, a, b) for every recognised term and punctuation mark, left to right."""
+        """(start, end, kind, a, b) for every recognised term and punctuation mark, left to right."""
         table = self._table
+        get = table.get
         toks: list[tuple] = []
         append = toks.append
-        for m in self._regex.finditer(low):
-            group = m.lastgroup
-            if group == "p":
-                ch = m.group()
-                s = m.start()
-                if ch == ",":
-                    append((COMMA, s, s + 1, None, None))
-                elif ch == ":":
-                    append((COLON, s, s + 1, None, None))
-                elif ch == "?":
-                    append((QUESTION, s, s + 1, None, None))
-                elif ch == "、":
-                    append((CONNECT, s, s + 1, None, None))
-                else:
-                    append((BOUNDARY, s, s + 1, None, None))
-            elif group == "cdr" or m.group("cdr") is not None:
+        for m in self._en.finditer(low):
+            entry = get(m.group())
+            if entry is None:  # hyphens or several spaces inside the term
+                entry = get(m.group().translate(_DELETE_SEPARATORS))
+                if entry is None:  # pragma: no cover - the regex only matches table keys
+                    continue
+            s, e = m.span()
+            if entry[3] is not None and text[s : s + entry[4]] not in entry[3]:
+                continue
+            append((s, e, entry[0], entry[1], entry[2]))
+        for m in self._punct.finditer(low):
+            s = m.start()
+            ch = m.group()
+            if ch == "." and low[s + 1 : s + 2].isdigit():
+                continue
+            append((s, s + 1, _PUNCT_KIND.get(ch, BOUNDARY), None, None))
+        extra = False
+        if not low.isascii():
+            for m in self._zh.finditer(low):
+                entry = get(m.group()) or get(m.group().translate(_DELETE_SEPARATORS))
+                if entry is not None:
+                    append((m.start(), m.end(), entry[0], entry[1], entry[2]))
+                    extra = True
+        if any(t in low for t in _CDR_TRIGGERS):
+            for m in self._cdr.finditer(low):
                 value = float(m.group("cdrv"))
                 if self._glaucoma is None or value < 0.6:
-                    append((NONFIND, m.start(), m.end(), None, None))
+                    append((m.start(), m.end(), NONFIND, None, None))
                 else:
-                    append(
-                        (MENTION, m.start(), m.end(), self._glaucoma, POSITIVE if value >= 0.7 else UNCERTAIN)
-                    )
-            else:
-                s, e = m.span(group)
-                entry = table.get(key_of(m.group(group)))
-                if entry is None:  # pragma: no cover - the regex is built from the table's keys
-                    continue
-                if entry.case_forms is not None and key_of(text[s:e]) not in entry.case_forms:
-                    continue
-                append((entry.kind, s, m.end(), entry.a, entry.b))
-        return toks
+                    state = POSITIVE if value >= 0.7 else UNCERTAIN
+                    append((m.start(), m.end(), MEASURE, self._glaucoma, state))
+                extra = True
+        if not extra:
+            toks.sort()
+            return toks
+        # Passes may overlap (a colon inside "C/D: 0.8", a Chinese term holding Latin letters):
+        # the leftmost, then longest, token wins.
+        toks.sort(key=_by_position)
+        kept: list[tuple] = []
+        last = -1
+        for tok in toks:
+            if tok[0] >= last:
+                kept.append(tok)
+                last = tok[1]
+        return kept
 
     # ---- reading ----------------------------------------------------------------------------------
-    def _clauses(self, toks: list[tuple], n: int) -> list[list[_Seg]]:
+    @staticmethod
+    def _clauses(toks: list[tuple], n: int) -> list[list[_Seg]]:
         clauses: list[list[_Seg]] = []
-        segs = [_Seg(0, None)]
+        seg = _Seg(0, None)
+        segs = [seg]
+        last = len(toks) - 1
         for i, tok in enumerate(toks):
-            kind = tok[0]
+            kind = tok[2]
             if kind == BOUNDARY:
-                segs[-1].end = tok[1]
+                seg.end = tok[0]
                 clauses.append(segs)
-                segs = [_Seg(tok[2], None)]
+                seg = _Seg(tok[1], None)
+                segs = [seg]
             elif kind == COMMA or kind == COLON:
-                segs[-1].end = tok[1]
-                segs.append(_Seg(tok[2], kind))
+                seg.end = tok[0]
+                seg = _Seg(tok[1], kind)
+                segs.append(seg)
             elif kind == QUESTION:
-                nxt = toks[i + 1] if i + 1 < len(toks) else None
-                if nxt is not None and nxt[0] == MENTION and nxt[1] - tok[2] <= 1:
-                    segs[-1].toks.append((CUE, tok[1], tok[2], lx.HEDGE, lx.PRE))
+                nxt = toks[i + 1] if i < last else None
+                if nxt is not None and nxt[2] in _FINDINGS and nxt[0] - tok[1] <= 1:
+                    seg.toks.append((tok[0], tok[1], CUE, lx.HEDGE, lx.PRE))  # "?glaucoma"
                 else:
-                    segs[-1].toks.append((CUE, tok[1], tok[2], lx.HEDGE, lx.POST))
-                    segs[-1].end = tok[2]
+                    seg.toks.append((tok[0], tok[1], CUE, lx.HEDGE, lx.POST))  # "glaucoma?"
+                    seg.end = tok[1]
                     clauses.append(segs)
-                    segs = [_Seg(tok[2], None)]
+                    seg = _Seg(tok[1], None)
+                    segs = [seg]
             else:
-                segs[-1].toks.append(tok)
-        segs[-1].end = n
+                seg.toks.append(tok)
+        seg.end = n
         clauses.append(segs)
         return clauses
 
     @staticmethod
     def _mention_follows(toks: list[tuple], k: int) -> bool:
         for tok in toks[k + 1 :]:
-            kind = tok[0]
-            if kind == MENTION:
+            kind = tok[2]
+            if kind in _FINDINGS:
                 return True
             if kind == CUE or kind == AFFIRM:
                 return False
         return False
 
     @staticmethod
-    def _continues_list(seg: _Seg, low: str) -> bool:
-        """Does this comma segment carry on the previous one's list ("..., exudates or macular oedema")?"""
+    def _continues_list(seg: _Seg, low: str) -> tuple[bool, bool]:
+        """Does this comma segment carry on the previous one's list ("..., exudates or macular oedema")?
+
+        Returns (forward, backward): whether a cue *before* the list still governs this segment, and
+        whether a cue *after* the list ("..., exudates and drusen are absent") reaches back over it.
+        """
         first = None
-        has_affirm = has_connector = False
+        cue_after = has_affirm = has_connector = False
         for tok in seg.toks:
-            kind = tok[0]
-            if kind == CUE:
-                return False
-            if kind == AFFIRM:
-                has_affirm = True
-            elif kind == CONNECT:
+            kind = tok[2]
+            if kind == CONNECT:
                 has_connector = True
             elif first is None:
+                if kind == CUE or kind == AFFIRM:
+                    return False, False
                 first = tok
-        if first is None or first[0] not in (MENTION, NONFIND):
-            return False
-        if not _FILLER.fullmatch(low, seg.start, first[1]):
-            return False
-        return not has_affirm or has_connector
+            elif kind == CUE:
+                cue_after = True
+            elif kind == AFFIRM:
+                has_affirm = True
+        if first is None or first[2] not in _LIST_ITEMS:
+            return False, False
+        if first[0] > seg.start and not _FILLER.fullmatch(low, seg.start, first[0]):
+            return False, False
+        # A cue after the items reaches back over the commas only when the segment closes a list
+        # ("..., exudates and drusen absent"), not in "糖网，黄斑水肿待排".
+        return (not cue_after and (not has_affirm or has_connector)), (not cue_after or has_connector)
 
-    def _normal_alone(self, seg: _Seg, tok: tuple, low: str) -> bool:
+    @staticmethod
+    def _normal_alone(seg: _Seg, tok: tuple, low: str) -> bool:
         """'normal' is a finding only when nothing else in its segment says *what* is normal."""
         pos = seg.start
         for other in seg.toks:
-            if other is tok or other[0] == EYE:
-                if not _NORMAL_CONTEXT.fullmatch(low, pos, other[1]):
+            if other is tok or other[2] == EYE:
+                if not _NORMAL_CONTEXT.fullmatch(low, pos, other[0]):
                     return False
-                pos = other[2]
-            elif other[0] != CONNECT:
+                pos = other[1]
+            elif other[2] != CONNECT:
                 return False
         return _NORMAL_CONTEXT.fullmatch(low, pos, max(pos, seg.end)) is not None
 
-    def _read(self, text: str, low: str) -> list[tuple[int, int, str | None]]:
-        """(label index, state, eye) for every finding that is a finding of this photograph."""
+    def _read(self, text: str, low: str) -> list[list]:
+        """[label index, state, eye] for every finding; state 0 marks history/plan (not a finding)."""
         toks = self._tokens(text, low)
+        if not toks:
+            return []
         found: list[list] = []
         section_eye: str | None = None
+        normal = self._normal
+        site_findings = self._site_findings
         for clause in self._clauses(toks, len(low)):
             plan = False
-            active = 0  # state imposed by the governing PRE cue (0 = none, -1 = drop)
+            active = 0  # state imposed by the governing PRE cue (0 = none, -1 = not a finding)
+            active_neg = False
+            site = None  # the last anatomical site named in this clause
             open_m: list[list] = []
+            last_end = -1  # end of the last finding, for adjacent history cues ("RD repair")
             for si, seg in enumerate(clause):
                 stoks = seg.toks
-                # eyes: a marker before any finding/cue opens a section; later ones are local
-                local: set[str] = set()
+                if si:
+                    forward, backward = self._continues_list(seg, low) if stoks else (False, False)
+                    if not forward:
+                        active = 0
+                    if not backward and seg.sep != COLON:
+                        open_m = []
+                if not stoks:
+                    continue
+                # eyes: a marker before any finding/cue opens a section; a later one is local
+                eye = section_eye
+                local = None
                 seen_content = False
                 for tok in stoks:
-                    kind = tok[0]
+                    kind = tok[2]
                     if kind == EYE:
                         if seen_content:
-                            local.add(tok[3])
+                            local = tok[3] if local is None or local == tok[3] else "OU"
                         else:
-                            section_eye = tok[3]
+                            section_eye = eye = tok[3]
                     elif kind != CONNECT:
                         seen_content = True
-                eye = section_eye
-                if local:
-                    eye = local.pop() if len(local) == 1 else "OU"
-                if si > 0 and not self._continues_list(seg, low):
-                    active = 0
-                    if seg.sep != COLON:
-                        open_m = []
+                if local is not None:
+                    eye = local
                 first_rel = True
                 for k, tok in enumerate(stoks):
-                    kind = tok[0]
-                    if kind == MENTION or (
-                        kind == NORMAL_WORD and self._normal is not None and self._normal_alone(seg, tok, low)
-                    ):
-                        label, base = (tok[3], tok[4]) if kind == MENTION else (self._normal, POSITIVE)
-                        if plan:
-                            state = 0
-                        elif active:
-                            state = active
-                        else:
-                            state = base
-                        rec = [label, state, eye]
-                        found.append(rec)
-                        if not plan and not active:
-                            open_m.append(rec)
+                    kind = tok[2]
+                    label = -1
+                    if kind == MENTION or kind == MEASURE:
+                        label, base = tok[3], tok[4]
+                    elif kind == LESION:
+                        label = site_findings.get((site, tok[3]), -1)
+                        base = POSITIVE
+                    elif kind == NORMAL_WORD and normal is not None and self._normal_alone(seg, tok, low):
+                        label, base = normal, POSITIVE
+                    elif kind == ANATOMY:
+                        site = tok[3]
                     elif kind == CUE:
                         ctype, direction = tok[3], tok[4]
-                        follows = self._mention_follows(stoks, k)
-                        if direction == lx.BOTH:
-                            direction = lx.PRE if follows else lx.POST
-                        elif direction == lx.PRE and not follows and first_rel and seg.sep == COLON:
-                            direction = lx.POST  # "DR: no", "Glaucoma: possible"
+                        if direction != lx.POST:
+                            follows = self._mention_follows(stoks, k)
+                            if direction == lx.BOTH:
+                                direction = lx.PRE if follows else lx.POST
+                            elif not follows and first_rel and seg.sep == COLON:
+                                direction = lx.POST  # "DR: no", "Glaucoma: possible"
                         state = _CUE_STATE[ctype]
                         if direction == lx.PRE:
                             if ctype == lx.PLAN:
                                 plan = True
                             else:
-                                active = state if state else -1
+                                active = state or -1
+                                active_neg = ctype == lx.NEG
+                            open_m = []
+                        elif ctype == lx.HIST:
+                            # "cataract surgery", "视网膜脱离术后": only the finding right before it
+                            if open_m and tok[0] - last_end <= 3:
+                                open_m[-1][1] = 0
                             open_m = []
                         else:
                             for rec in open_m:
@@ -322,9 +399,17 @@ class LabelExtractor:
                             open_m = []
                     elif kind == AFFIRM:
                         open_m = []
+                        if active and not active_neg:
+                            active = 0  # "probable BRVO with macular oedema": the oedema is seen
+                    if label >= 0:
+                        rec = [label, 0 if plan else (active or base), eye]
+                        found.append(rec)
+                        last_end = tok[1]
+                        if not plan and not active:
+                            open_m.append(rec)
                     if kind != CONNECT:
                         first_rel = False
-        return [(label, state, eye) for label, state, eye in found if state > 0]
+        return found
 
     # ---- public -----------------------------------------------------------------------------------
     def extract(self, text: str, eye: str | None = None) -> ReportLabels:
@@ -339,6 +424,8 @@ class LabelExtractor:
         orig, low = _normalise(text)
         best: dict[int, int] = {}
         for label, state, where in self._read(orig, low):
+            if state <= 0:
+                continue
             if want is not None and where is not None and where != "OU" and where != want:
                 continue
             if state > best.get(label, 0):

@@ -26,7 +26,7 @@ NEGATION: dict[str, int] = {
     "no": PRE, "not": PRE, "without": PRE, "negative for": PRE, "free of": PRE, "clear of": PRE,
     "absence of": PRE, "absent": POST, "no evidence of": PRE, "no evidence for": PRE, "no signs of": PRE,
     "no sign of": PRE, "no features of": PRE, "no definite": PRE, "no obvious": PRE, "no apparent": PRE,
-    "no significant": PRE, "no clear": PRE, "no further": PRE, "no new": PRE, "no active": PRE,
+    "no significant": PRE, "no clear": PRE, "no further": PRE, "no active": PRE,
     "no frank": PRE, "no visible": PRE, "no evident": PRE, "no gross": PRE,
     "not consistent with": PRE, "neither": PRE,
     "denies": PRE, "denied": PRE, "rules out": PRE, "ruled out": BOTH, "excluded": POST, "never": PRE,
@@ -34,7 +34,7 @@ NEGATION: dict[str, int] = {
     "not observed": POST, "not visible": POST, "not evident": POST, "not found": POST,
     "not appreciated": POST, "negative": POST, "none": POST, "nil": POST, "resolved": POST,
     "has resolved": POST, "unlikely": BOTH,
-    "(-)": POST, "( - )": POST,
+    "(-)": POST, "( - )": POST, "r0": POST, "grade r0": POST, "m0": POST, "grade 0": POST,
     # Chinese
     "无": PRE, "未见": PRE, "未见明显": PRE, "未见确切": PRE, "未见明确": PRE, "未发现": PRE, "没有": PRE,
     "否认": PRE, "排除": BOTH, "除外": BOTH, "已排除": POST, "未见到": PRE, "未查见": PRE, "无明显": PRE,

@@ -1,8 +1,9 @@
 """A regular expression built from a character trie of many literal terms.
 
 Python's `re` tries alternatives one after the other; a flat alternation of thousands of synonyms would
-be re-scanned branch by branch at every position. A trie-shaped pattern shares prefixes, so each
-position costs about one character-class test, and greedy optional tails give the longest match first.
+be re-scanned branch by branch at every position. A trie-shaped pattern shares prefixes, and because
+its top level is an alternation of plain literals, `re` derives a first-character set from it and skips
+impossible start positions in C. Greedy optional tails give the longest match first.
 """
 
 from __future__ import annotations
@@ -25,30 +26,36 @@ def _unit(ch: str) -> str:
     return _SEP_PATTERN if ch == SEP else re.escape(ch)
 
 
-def _pattern(node: dict) -> str:
+def _pattern(node: dict, after_first: str = "", top: bool = False) -> str:
     terminal = _END in node
     children = sorted((ch, child) for ch, child in node.items() if ch != _END)
     if not children:
         return ""
-    # Single characters that end a term collapse into one character class.
-    leaves = [ch for ch, child in children if set(child) == {_END} and ch != SEP]
-    branches = [
-        _unit(ch) + _pattern(child) for ch, child in children if not (set(child) == {_END} and ch != SEP)
-    ]
+    branches = []
+    leaves = []
+    for ch, child in children:
+        if not top and ch != SEP and set(child) == {_END}:
+            leaves.append(ch)  # single characters ending a term collapse into one class
+        else:
+            branches.append(_unit(ch) + (after_first if top else "") + _pattern(child))
     # A separator may match nothing, so literal continuations are tried before it.
     branches.sort(key=lambda b: b.startswith(_SEP_PATTERN))
     if leaves:
         leaf = re.escape(leaves[0]) if len(leaves) == 1 else "[" + "".join(re.escape(c) for c in leaves) + "]"
-        branches.insert(len([b for b in branches if not b.startswith(_SEP_PATTERN)]), leaf)
+        branches.insert(sum(not b.startswith(_SEP_PATTERN) for b in branches), leaf)
     if len(branches) == 1 and not terminal:
         return branches[0]
     return "(?:" + "|".join(branches) + ")" + ("?" if terminal else "")
 
 
-def trie_pattern(terms: list[str]) -> str:
-    """A pattern matching any of `terms` (longest first at each position); SEP in a term matches [ \\t-]*."""
+def trie_pattern(terms: list[str], after_first: str = "") -> str:
+    """A pattern matching any of `terms`, longest first at each position; SEP matches [ \\t-]*.
+
+    `after_first` is inserted right after the first character of every term: a fixed-width lookbehind
+    there (e.g. a word-boundary test) keeps the top level a plain literal alternation.
+    """
     trie: dict = {}
     for term in terms:
         if term:
             _insert(trie, term)
-    return _pattern(trie) or "(?!)"
+    return _pattern(trie, after_first, top=True) or "(?!)"

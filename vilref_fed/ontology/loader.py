@@ -19,7 +19,7 @@ from vilref_fed.ontology.model import Label, Ontology, OntologyError
 
 DEFAULT_PATH = Path(__file__).with_name("ontology_v1.toml")
 
-_TOP_KEYS = {"version", "name", "spelling", "non_findings", "labels"}
+_TOP_KEYS = {"version", "name", "spelling", "non_findings", "anatomy", "site_findings", "labels"}
 _LIST_KEYS = (
     "synonyms_en",
     "synonyms_zh",
@@ -243,6 +243,52 @@ def _non_findings(doc: dict, lines: _Lines) -> tuple[tuple[str, ...], tuple[str,
     return en, zh
 
 
+def _anatomy(doc: dict, lines: _Lines, label_ids: list[str]) -> tuple[tuple, tuple]:
+    raw = doc.get("anatomy", {})
+    if not isinstance(raw, dict):
+        raise OntologyError(f"{lines.where(lines.find('anatomy', key=True))}: [anatomy] must be a table")
+    anatomy = tuple(
+        (site, _string_list(words, f"anatomy words of {site!r}", lines, None, site))
+        for site, words in raw.items()
+    )
+    sites = {site for site, _ in anatomy}
+    entries = doc.get("site_findings", [])
+    if not isinstance(entries, list):
+        raise OntologyError(
+            f"{lines.where(lines.find('site_findings'))}: site_findings must be [[site_findings]]"
+        )
+    out = []
+    seen: dict[tuple[str, str], str] = {}
+    for entry in entries:
+        line = lines.where(lines.find("[[site_findings]]"))
+        if not isinstance(entry, dict) or set(entry) != {"site", "label", "terms"}:
+            raise OntologyError(
+                f"{line}: each [[site_findings]] needs exactly the keys site, label and terms"
+            )
+        site, label = entry["site"], entry["label"]
+        if site not in sites:
+            where = lines.where(lines.find(f'site = "{site}"'))
+            raise OntologyError(f"{where}: site {site!r} is not defined under [anatomy]")
+        if label not in label_ids:
+            where = lines.where(lines.find(f'label = "{label}"'))
+            raise OntologyError(f"{where}: site finding names unknown label {label!r}")
+        terms = _string_list(
+            entry["terms"], f"terms of the {site}/{label} site finding", lines, None, "terms"
+        )
+        if not terms:
+            raise OntologyError(f"{line}: the {site}/{label} site finding has no terms")
+        for term in terms:
+            norm = normalise_term(term)
+            if (site, norm) in seen:
+                where = lines.where(lines.find(term))
+                raise OntologyError(
+                    f"{where}: lesion {term!r} at site {site!r} already means {seen[(site, norm)]!r}"
+                )
+            seen[(site, norm)] = label
+        out.append((site, label, terms))
+    return anatomy, tuple(out)
+
+
 def _apply_extension(path: Path, labels: list[Label]) -> tuple[list[Label], dict, str]:
     """Merge a site's extra synonyms. The label list itself is consortium-wide, anything else is refused."""
     doc, text = _read_toml(path)
@@ -293,11 +339,14 @@ def _load(path: Path, extension: Path | None) -> Ontology:
     spelling = _spelling(doc, lines)
     nf_en, nf_zh = _non_findings(doc, lines)
     _check_duplicates(labels, nf_en + nf_zh, lines, {})
+    anatomy, site_findings = _anatomy(doc, lines, [lab.id for lab in labels])
     content = {
         "version": doc["version"],
         "labels": [lab.__dict__ for lab in labels],
         "spelling": [[c, list(v)] for c, v in spelling],
         "non_findings": [list(nf_en), list(nf_zh)],
+        "anatomy": [[site, list(words)] for site, words in anatomy],
+        "site_findings": [[site, label, list(terms)] for site, label, terms in site_findings],
     }
     content_hash = _content_hash(json.loads(json.dumps(content, ensure_ascii=False)))
     ext_hash = None
@@ -312,6 +361,8 @@ def _load(path: Path, extension: Path | None) -> Ontology:
         spelling=spelling,
         non_findings_en=nf_en,
         non_findings_zh=nf_zh,
+        anatomy=anatomy,
+        site_findings=site_findings,
         extension_hash=ext_hash,
     )
 

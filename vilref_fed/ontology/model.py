@@ -41,6 +41,9 @@ class Ontology:
     spelling: tuple[tuple[str, tuple[str, ...]], ...] = ()
     non_findings_en: tuple[str, ...] = ()
     non_findings_zh: tuple[str, ...] = ()
+    # "site ... lesion" findings: anatomy site -> its words, and (site, label id, lesion words)
+    anatomy: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    site_findings: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
     extension_hash: str | None = None
     _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
