@@ -9,7 +9,7 @@ import vilref_fed  # noqa: F401  (pins the offline environment before anything e
 
 import typer
 
-from client import cmd_eval, cmd_join, cmd_labels, cmd_screen, cmd_site, cmd_synth, cmd_train
+from client import cmd_eval, cmd_join, cmd_labels, cmd_privacy, cmd_screen, cmd_site, cmd_synth, cmd_train
 from client.common import version_callback
 
 app = typer.Typer(
@@ -34,7 +34,7 @@ def _root(
     """Hospital side of vilref-fed."""
 
 
-for _module in (cmd_site, cmd_labels, cmd_synth, cmd_train, cmd_eval, cmd_join, cmd_screen):
+for _module in (cmd_site, cmd_labels, cmd_synth, cmd_train, cmd_eval, cmd_join, cmd_screen, cmd_privacy):
     _module.register(app)
 
 
