@@ -21,5 +21,5 @@ def version_callback(value: bool) -> None:
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """A one-line error that says what is wrong and what to do, then a non-zero exit. No traceback."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
