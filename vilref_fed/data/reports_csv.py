@@ -33,7 +33,7 @@ _EYES = {
     "OU": ("OU", "B", "BE", "BOTH", "BOTH EYES", "双", "双眼"),
 }
 EYE_VALUES: dict[str, str] = {alias: eye for eye, aliases in _EYES.items() for alias in aliases}
-ISSUE_KINDS = ("malformed_row", "empty_report", "missing_key", "bad_eye")
+ISSUE_KINDS = ("malformed_row", "empty_report", "missing_key", "bad_eye", "nul_character")
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -192,6 +192,11 @@ def read_reports_csv(path: str | Path, encoding: str = "utf-8", link_by: str = "
                 key = cell(rec, need)
                 if key is None:
                     result.issues.append(CsvIssue(p, line_no, "missing_key", f"empty {need}; row skipped"))
+                    continue
+                if "\x00" in body:  # binary junk; PostgreSQL text cannot hold it either
+                    result.issues.append(
+                        CsvIssue(p, line_no, "nul_character", "NUL byte in the report; row skipped")
+                    )
                     continue
                 if not body.strip():
                     result.issues.append(
