@@ -1,10 +1,21 @@
-"""Loads the hand-written gold reports (tests/data/labels/gold_reports.jsonl) and scores an extractor."""
+"""The extractor against hand-written gold reports (tests/data/labels/gold_reports.jsonl).
+
+Each line: text, optional eye, and the expected positive / uncertain / negated labels as short codes.
+The gold follows the conventions of DESIGN §3.2 and docs/architecture.md ("Label extraction"): history
+and plans are not findings, C/D >= 0.7 is glaucoma (0.6-0.69 uncertain), "normal" only without disease.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
+
+from vilref_fed.labels import get_extractor
+from vilref_fed.ontology import load_ontology
 
 GOLD_PATH = Path(__file__).parent / "data" / "labels" / "gold_reports.jsonl"
 
@@ -101,3 +112,46 @@ def score(extractor, gold: list[GoldReport]) -> dict:
         "fn": fn,
         "errors": errors,
     }
+
+
+# ---- tests ------------------------------------------------------------------------------------------
+
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+_LATIN = re.compile(r"[A-Za-z]{3,}")
+
+
+@pytest.fixture(scope="module")
+def gold() -> list[GoldReport]:
+    return load_gold()
+
+
+def test_gold_set_is_large_and_covers_both_languages_and_every_label(gold):
+    assert len(gold) >= 150
+    zh = [g for g in gold if _CJK.search(g.text)]
+    en = [g for g in gold if not _CJK.search(g.text)]
+    mixed = [g for g in zh if _LATIN.search(g.text)]
+    assert len(en) >= 75 and len(zh) >= 75 and len(mixed) >= 10
+    found = set().union(*(g.positive | g.uncertain for g in gold))
+    assert found == set(load_ontology().label_ids)
+    negated_in_both = {lab for g in en for lab in g.negated} & {lab for g in zh for lab in g.negated}
+    assert len(negated_in_both) >= 5
+    assert sum(1 for g in gold if len(g.negated) >= 2) >= 10  # lists under one negation cue
+    assert sum(1 for g in gold if g.uncertain) >= 30  # hedges
+    assert sum(1 for g in gold if g.eye) >= 20  # laterality
+    assert sum(1 for g in gold if not (g.positive or g.uncertain or g.negated)) >= 10  # history, plans, none
+
+
+def test_micro_f1_on_gold_reports_is_at_least_095(gold):
+    result = score(get_extractor(), gold)
+    details = "\n".join(
+        f"{g.id} eye={g.eye}: expected {sorted(g.positive)}/{sorted(g.uncertain)}/{sorted(g.negated)}, "
+        f"got {list(r.positive)}/{list(r.uncertain)}/{list(r.negated)}"
+        for g, r in result["errors"]
+    )
+    assert result["micro_f1"] >= 0.95, details
+    assert result["negated_f1"] >= 0.9, details
+
+
+def test_micro_f1_holds_per_language(gold):
+    for subset in ([g for g in gold if _CJK.search(g.text)], [g for g in gold if not _CJK.search(g.text)]):
+        assert score(get_extractor(), subset)["micro_f1"] >= 0.95

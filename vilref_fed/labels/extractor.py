@@ -447,7 +447,7 @@ class LabelExtractor:
     def mentions(self, text: str) -> list[tuple[int, int, str]]:
         """(start, end, label_id) of every finding term in the normalised text; for tests and tooling."""
         orig, low = _normalise(text)
-        return [(t[1], t[2], self._ids[t[3]]) for t in self._tokens(orig, low) if t[0] == MENTION]
+        return [(t[0], t[1], self._ids[t[3]]) for t in self._tokens(orig, low) if t[2] == MENTION]
 
 
 _DEFAULT: LabelExtractor | None = None
