@@ -286,3 +286,26 @@ def test_reader_never_echoes_identifiers(tmp_path: Path, capfd, caplog) -> None:
     out, err = capfd.readouterr()
     leaked = [str(w.message) for w in caught] + [out, err, caplog.text]
     assert not any("PID-QX" in t for t in leaked), leaked
+
+
+def test_fov_bbox_matches_the_plain_reference() -> None:
+    """preprocess.fov_bbox was sped up for ingestion; it must equal the obvious formulation."""
+    from vilref_fed.data.preprocess import fov_bbox
+
+    def reference(rgb: np.ndarray, threshold: int = 12) -> tuple[int, int, int, int]:
+        mask = rgb.max(axis=-1) > threshold
+        rows = np.flatnonzero(mask.mean(axis=1) > 0.02)
+        cols = np.flatnonzero(mask.mean(axis=0) > 0.02)
+        h, w = mask.shape
+        if rows.size == 0 or cols.size == 0:
+            return 0, h, 0, w
+        return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+    rng = np.random.default_rng(0)
+    cases = [fundus_rgb(s, v) for s, v in ((64, 0), (97, 1), (256, 2))]
+    for _ in range(300):
+        shape = (int(rng.integers(3, 90)), int(rng.integers(3, 90)), 3)
+        cases.append((rng.random(shape) * rng.integers(1, 40)).astype(np.uint8))
+    cases.append(np.zeros((10, 20, 3), np.uint8))
+    for a in cases:
+        assert fov_bbox(a) == reference(a)

@@ -134,7 +134,7 @@ def encode_png(rgb: Any) -> bytes:
     from PIL import Image as PILImage
 
     buf = io.BytesIO()
-    PILImage.fromarray(rgb).save(buf, "PNG", compress_level=3)
+    PILImage.fromarray(rgb).save(buf, "PNG", compress_level=1)  # 2-4x faster than 6, ~10% larger
     return buf.getvalue()
 
 
