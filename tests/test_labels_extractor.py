@@ -186,6 +186,11 @@ def test_cup_to_disc_ratio_thresholds(x):
     assert states(x, "杯盘比约0.7")[0] == {"glaucoma"}
     assert states(x, "CDR 0.65")[1] == {"glaucoma"}
     assert states(x, "C/D 0.3") == (set(), set(), set())
+    assert states(x, "Moderate NPDR, C/D 0.7.")[0] == {
+        "diabetic_retinopathy",
+        "glaucoma",
+    }  # value ends a sentence
+    assert states(x, "C/D 1.0; CDR 0.9")[0] == {"glaucoma"}
 
 
 def test_positive_wins_over_negated_for_the_same_eye(x):

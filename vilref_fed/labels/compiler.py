@@ -44,7 +44,7 @@ CDR_RE = (
     r"(?:c[ \t]*/[ \t]*d|c[ \t]*:[ \t]*d|cdr|cup[ \t\-]*(?:to|/|:)?[ \t\-]*disc|杯盘比|杯/盘)"
     r"(?:[ \t]*ratios?)?(?:[ \t]*(?:\(?(?:od|os|ou|右眼|左眼|双眼)\)?))?"
     r"(?:[ \t]*(?:of|is|was|=|:|~|≈|约|为|approximately|approx\.?|about|around|estimated at))*"
-    r"[ \t]*(?P<cdrv>0?\.\d{1,2}|1\.0|0|1)(?![\d.])"
+    r"[ \t]*(?P<cdrv>0?\.\d{1,2}|1\.0|0|1)(?!\d|\.\d)"
 )
 
 
