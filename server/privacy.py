@@ -49,6 +49,7 @@ KEY_EPSILON_ROUND = "dp-epsilon-round"
 KEY_DELTA = "dp-delta"
 KEY_SITES_AGGREGATED = "dp-sites-aggregated"
 _UNIFORM_WEIGHT_KEY = "dp-uniform-weight"
+KEY_NORM_BIT = "norm_bit"  # flwr.supercore.differential_privacy.KEY_NORM_BIT
 
 
 class PrivacyConfigError(ValueError):
@@ -233,6 +234,15 @@ def _require_mean_aggregation(strategy: Any) -> None:
     )
 
 
+def _update_norm(msg: Any, global_arrays: Any) -> float:
+    import numpy as np
+
+    record = next(iter(msg.content.array_records.values()))
+    new, old = record.to_numpy_ndarrays(), global_arrays.to_numpy_ndarrays()
+    total = sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(new, old, strict=True))
+    return float(np.sqrt(total))
+
+
 def _finite_reply(msg: Any) -> bool:
     import numpy as np
 
@@ -269,6 +279,7 @@ class _SiteDPMixin:
         self.budget_exhausted = False
         self._sampled: dict[int, int] = {}
         self._clip_at_configure: dict[int, float] = {}
+        self._global_at_configure: dict[int, Any] = {}
         self._noise_clip_norm: float | None = None
 
     # -- Flower's wrappers call this with the wrapper's own noise multiplier and self.clipping_norm.
@@ -324,6 +335,8 @@ class _SiteDPMixin:
             ))
             return []
         self._clip_at_configure[server_round] = float(self.clipping_norm)
+        if self.privacy.mode == SITE_CLIENT_ADAPTIVE:
+            self._global_at_configure[server_round] = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self._sampled[server_round] = len(messages)
         return messages
@@ -332,6 +345,7 @@ class _SiteDPMixin:
         replies = list(replies)
         sampled = self._sampled.pop(server_round, len(replies))
         clip = self._clip_at_configure.pop(server_round, float(self.clipping_norm))
+        global_arrays = self._global_at_configure.pop(server_round, None)
         if sampled == 0 and not replies:
             return None, None
         ok = [r for r in replies if not r.has_error() and _finite_reply(r)]
@@ -347,6 +361,11 @@ class _SiteDPMixin:
         for r in ok:
             mrec = next(iter(r.content.metric_records.values()))
             mrec[_UNIFORM_WEIGHT_KEY] = 1
+            needs_bit = self.privacy.mode == SITE_CLIENT_ADAPTIVE and KEY_NORM_BIT not in mrec
+            if needs_bit and global_arrays is not None:
+                # A round loop that rebuilds replies may drop the mod's bit; it is recoverable: an update
+                # the site clipped has norm C (to float precision), an unclipped one less.
+                mrec[KEY_NORM_BIT] = int(_update_norm(r, global_arrays) >= clip * (1 - 1e-5))
         inner = self.strategy  # type: ignore[attr-defined]
         saved_key, saved_n = inner.weighted_by_key, self.num_sampled_clients
         inner.weighted_by_key = _UNIFORM_WEIGHT_KEY

@@ -359,3 +359,16 @@ def test_round_privacy_is_recorded_in_the_coordinator_database_and_resumes(tmp_p
     assert resumed.privacy_state()["accountant"]["delta"] == 1e-5
     # the schema is additive and idempotent: a second ensure does nothing
     assert len(load_round_privacy(engine)) == 3
+
+
+@pytest.mark.parametrize("clipped, shrinks", [(True, True), (False, False)])
+def test_client_adaptive_recovers_the_norm_bit_when_the_round_loop_drops_it(clipped, shrinks):
+    """A round loop that rebuilds replies keeps only num-examples; the bit is derived from the norm."""
+    np.random.seed(6)
+    s = wrap_strategy(FedAvg(), _cfg(SITE_CLIENT_ADAPTIVE, **{"noise-multiplier": 0.01}), num_sampled_sites=3)
+    _configure(s, 1, 3)
+    c_old = s.clipping_norm
+    size = c_old if clipped else 0.3 * c_old  # what fixed/adaptive clipping mods leave on the wire
+    arrays, _ = s.aggregate_train(1, [_reply(k, size * _direction(k)) for k in (1, 2, 3)])
+    assert arrays is not None
+    assert (s.clipping_norm < c_old) == shrinks

@@ -213,10 +213,11 @@ def _collate_items(items: list[Mapping[str, Any]]) -> dict[str, Any]:
 @torch.no_grad()
 def extract_features(
     model: nn.Module, dataset: Dataset, feature: str = "backbone", batch_size: int = 64,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, target: str = "labels",
 ) -> FeatureTable:
     """Features of every image, extracted in eval mode (BatchNorm uses running statistics, so one
-    image's feature never depends on the others in its batch)."""
+    image's feature never depends on the others in its batch). `target="truth"` keeps a synthetic
+    hospital's ground truth instead of the report-extracted labels (for evaluation)."""
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: no labelled images to train a head on")
     encoder = ImageFeatures(model, feature)
@@ -229,8 +230,10 @@ def extract_features(
     index = 0
     try:
         for batch in loader:
+            if target == "truth" and "truth" not in batch:
+                raise ValueError("this dataset has no ground truth; evaluate against its labels instead")
             feats.append(encoder(batch["image"]).float())
-            labels.append(batch["labels"])
+            labels.append(batch["truth"] if target == "truth" else batch["labels"])
             for item in batch["items"]:
                 key, is_patient = _item_unit_key(item, index)
                 keys.append(key)
@@ -449,6 +452,28 @@ def _train_frozen(model, dataset, config, *, num_labels, head, accountant_state,
             progress("features", done[0], n_items)
 
     table = extract_features(model, dataset, config.feature, config.feature_batch_size, feature_progress)
+    return train_head_on_features(table, config, num_labels=num_labels, head=head,
+                                  accountant_state=accountant_state, planned_epochs=planned_epochs,
+                                  progress=progress, deterministic_seed=deterministic_seed)
+
+
+def train_head_on_features(
+    table: FeatureTable,
+    config: HeadConfig,
+    *,
+    num_labels: int | None = None,
+    head: MultiLabelHead | None = None,
+    accountant_state: Mapping[str, Any] | None = None,
+    planned_epochs: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    deterministic_seed: int | None = None,
+) -> HeadResult:
+    """The frozen-mode training on features already extracted (`extract_features`): lets a site that
+    trains several heads, or many federated rounds, extract its features once."""
+    config.validate()
+    if config.mode != "frozen":
+        raise ValueError("train_head_on_features is the frozen mode; finetune needs the images")
+    torch.manual_seed(config.seed)
     n_labels = num_labels or table.labels.shape[1]
     units = PatientFeatureSet(table, config.max_images_per_patient, seed=config.seed)
     head = head if head is not None else MultiLabelHead(table.features.shape[1], n_labels)
@@ -464,12 +489,11 @@ def _train_frozen(model, dataset, config, *, num_labels, head, accountant_state,
     loss, steps, history = _run_epochs(module, optimizer, loader, config, _frozen_loss, progress)
     metrics = {"train_loss": loss, "steps": float(steps), "units": float(len(units)),
                "images": float(len(table.unit_keys)), "images_dropped": float(units.dropped_images)}
-    result_head = head
     if dp is not None:
         metrics.update(dp.metrics())
         _cleanup(dp.module)
     metrics["privacy_unit_patient"] = 1.0 if table.unit == "patient" else 0.0
-    return HeadResult(result_head, None, metrics, table.unit,
+    return HeadResult(head, None, metrics, table.unit,
                       dp.accountant_state() if dp is not None else None, history)
 
 
