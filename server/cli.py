@@ -9,7 +9,7 @@ import vilref_fed  # noqa: F401  (pins the offline environment before anything e
 
 import typer
 
-from server import cmd_consortium
+from server import cmd_consortium, cmd_run
 from server.common import version_callback
 
 app = typer.Typer(
@@ -35,6 +35,7 @@ def _root(
 
 
 cmd_consortium.register(app)
+cmd_run.register(app)
 
 
 def main() -> None:
