@@ -112,8 +112,9 @@ def test_federated_rounds_accumulate_one_budget_per_site(model, data, tmp_path):
                                            label_ids=LABELS, val_set=val, state_dir=tmp_path,
                                            run_key="run-7", total_rounds=2)
         eps.append(metrics["epsilon"])
-        assert set(metrics) >= {"num-examples", "train-loss", "epsilon", "delta", "val-macro-auc"}
+        assert set(metrics) >= {"num-examples", "train_loss", "epsilon", "delta", "dp_sigma", "val_macro_auc"}
         assert all(isinstance(v, float) for v in metrics.values())
+        assert max(len(k) for k in metrics) <= 13  # the coordinator's limit on metric names
     assert 0 < eps[0] < eps[1] and eps[1] == pytest.approx(4.0, rel=0.02)
     assert set(arrays) == {"head.linear.weight", "head.linear.bias"}
     with pytest.raises(PrivacyBudgetExhausted, match="budget 4.0"):

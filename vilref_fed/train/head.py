@@ -632,7 +632,8 @@ def train_head_round(
     encoder). Under DP the site's accountant history persists in `state_dir` between rounds, keyed by
     `run_key`, and the noise multiplier is solved once for `total_rounds x config.epochs` epochs, so the
     reported epsilon is this site's cumulative spend for the run. Metrics hold only numbers:
-    num-examples, train loss, epsilon/delta/noise multiplier under DP, and the validation macro AUC.
+    num-examples, train_loss, units (patients), under DP epsilon / delta / dp_sigma / dp_clip /
+    dp_patient (1 when the unit is the patient), and val_macro_auc.
     """
     config.validate()
     head, encoder = load_head_arrays(arrays, model, config, num_labels)
@@ -652,19 +653,20 @@ def train_head_round(
         tmp = acc_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result.accountant_state))
         tmp.replace(acc_path)
+    # Short scalar keys (the coordinator accepts metric names up to 13 characters, server/protocol.py).
     metrics: dict[str, float] = {"num-examples": float(result.metrics["images"]),
-                                 "train-loss": float(result.metrics["train_loss"]),
+                                 "train_loss": float(result.metrics["train_loss"]),
                                  "units": float(result.metrics["units"])}
     if config.dp is not None:
         metrics.update({"epsilon": float(result.metrics["epsilon"]), "delta": float(result.metrics["delta"]),
-                        "noise-multiplier": float(result.metrics["noise_multiplier"]),
-                        "max-grad-norm": float(result.metrics["max_grad_norm"]),
-                        "privacy-unit-patient": float(result.metrics["privacy_unit_patient"])})
+                        "dp_sigma": float(result.metrics["noise_multiplier"]),
+                        "dp_clip": float(result.metrics["max_grad_norm"]),
+                        "dp_patient": float(result.metrics["privacy_unit_patient"])})
     if val_set is not None and len(val_set) > 0 and label_ids is not None:
         auc = evaluate_head(model, result.head, val_set, config, label_ids,
                             result.encoder if config.mode == "finetune" else None)
         if not math.isnan(auc["macro_auc"]):
-            metrics["val-macro-auc"] = float(auc["macro_auc"])
+            metrics["val_macro_auc"] = float(auc["macro_auc"])
     new_arrays = head_arrays(result.head, result.encoder if config.mode == "finetune" else None)
     if config.mode == "frozen" and any(k.startswith(ENCODER_PREFIX) for k in arrays):
         new_arrays.update({k: torch.as_tensor(v) for k, v in arrays.items() if k.startswith(ENCODER_PREFIX)})
