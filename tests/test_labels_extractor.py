@@ -12,7 +12,7 @@ import pytest
 from test_labels_gold import load_gold
 
 from vilref_fed.labels import EMPTY, LabelExtractor, LabelPolicy, ReportLabels, get_extractor, normalise_eye
-from vilref_fed.labels.compiler import MENTION
+from vilref_fed.labels.compiler import MENTION, WEAK
 from vilref_fed.ontology import load_ontology
 
 
@@ -93,7 +93,7 @@ def _reference_mentions(x: LabelExtractor, text: str) -> list[tuple[int, int, st
     out, last = [], -1
     for start, end, entry in cands:
         if start >= last:
-            if entry.kind == MENTION:
+            if entry.kind in (MENTION, WEAK):
                 out.append((start, end, x.ontology.label_ids[entry.a]))
             last = end
     return out
@@ -320,3 +320,37 @@ def test_report_text_is_never_logged(x, caplog):
         x.extract(secret)
         x.extract(secret, "OD")
     assert "SECRET" not in caplog.text
+
+
+def test_shared_lesions_count_only_when_nothing_else_explains_them(x):
+    assert states(x, "Scattered haemorrhages and exudates.")[0] == {"diabetic_retinopathy"}
+    assert states(x, "CRVO with widespread haemorrhages.")[0] == {"retinal_vein_occlusion"}
+    assert states(x, "视盘水肿，视盘周围出血。")[0] == {"optic_disc_edema"}
+    # microaneurysms are specific: diabetic retinopathy even next to a vein occlusion
+    assert states(x, "BRVO; microaneurysms elsewhere.")[0] == {
+        "diabetic_retinopathy",
+        "retinal_vein_occlusion",
+    }
+    # explained in the other eye only: still diabetic retinopathy in this one
+    text = "Right eye: CRVO. Left eye: haemorrhages."
+    assert states(x, text, "OS")[0] == {"diabetic_retinopathy"}
+    assert states(x, text, "OD")[0] == {"retinal_vein_occlusion"}
+
+
+def test_trailing_eye_applies_to_its_clause(x):
+    text = "Myopic degeneration with Fuchs spot, left eye. Right eye tessellated."
+    assert states(x, text, "OD")[0] == {"tessellated_fundus"}
+    assert states(x, text, "OS")[0] == {"pathological_myopia"}
+    assert states(x, "视网膜神经纤维层楔形缺损，右眼。", "OS") == (set(), set(), set())
+    # an eye heading followed by a colon is a section, not a trailing eye
+    assert states(x, "Right eye: drusen, left eye: haemorrhages.", "OD")[0] == {
+        "age_related_macular_degeneration"
+    }
+
+
+def test_hedge_does_not_reach_a_stated_cause_or_a_new_statement(x):
+    assert states(x, "Possible macular hole secondary to ERM.")[:2] == (
+        {"epiretinal_membrane"},
+        {"macular_hole"},
+    )
+    assert states(x, "No DR，无黄斑水肿，cataract 轻度。")[0] == {"media_opacity"}

@@ -18,6 +18,9 @@ from vilref_fed.labels import get_extractor
 from vilref_fed.ontology import load_ontology
 
 GOLD_PATH = Path(__file__).parent / "data" / "labels" / "gold_reports.jsonl"
+# Written afterwards without looking at the extractor's output; scored micro-F1 0.91 on its first run,
+# then general rules were added (see docs/benchmarks.md, "Label extraction"). Kept as a second set.
+HELDOUT_PATH = Path(__file__).parent / "data" / "labels" / "heldout_reports.jsonl"
 
 CODES = {
     "N": "normal",
@@ -56,9 +59,9 @@ def _ids(field: str | None) -> frozenset[str]:
     return frozenset(CODES[c] for c in (field or "").split())
 
 
-def load_gold() -> list[GoldReport]:
+def load_gold(path: Path = GOLD_PATH) -> list[GoldReport]:
     out = []
-    for line in GOLD_PATH.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
@@ -155,3 +158,10 @@ def test_micro_f1_on_gold_reports_is_at_least_095(gold):
 def test_micro_f1_holds_per_language(gold):
     for subset in ([g for g in gold if _CJK.search(g.text)], [g for g in gold if not _CJK.search(g.text)]):
         assert score(get_extractor(), subset)["micro_f1"] >= 0.95
+
+
+def test_second_set_written_blind_also_reaches_095():
+    heldout = load_gold(HELDOUT_PATH)
+    assert len(heldout) >= 75
+    result = score(get_extractor(), heldout)
+    assert result["micro_f1"] >= 0.95, [(g.id, r) for g, r in result["errors"]]

@@ -30,6 +30,7 @@ NORMAL_WORD = 10
 MEASURE = 11  # a cup-to-disc ratio value: a finding, but never an item of a comma list
 ANATOMY = 12  # a site ("macula", "视盘") that gives meaning to a later lesion word
 LESION = 13  # a lesion word ("oedema", "水肿") that names a label only after a site
+WEAK = 14  # a finding shared with other diseases (see Label.explained_by)
 
 # Label states, ordered so that max() implements "positive wins"
 NEGATED = 1
@@ -153,6 +154,8 @@ class Scanner:
                 add(term, Entry(MENTION, i, POSITIVE), f"synonym of {lab.id!r}")
             for term in lab.uncertain_synonyms_en + lab.uncertain_synonyms_zh:
                 add(term, Entry(MENTION, i, UNCERTAIN), f"uncertain synonym of {lab.id!r}")
+            for term in lab.weak_synonyms_en + lab.weak_synonyms_zh:
+                add(term, Entry(WEAK, i, POSITIVE), f"weak synonym of {lab.id!r}")
             for abbr in lab.abbreviations:
                 letters = key_of(abbr)
                 case = frozenset({letters}) if len(letters) <= 2 else None
@@ -169,5 +172,10 @@ class Scanner:
         self.zh_regex = re.compile(trie_pattern(zh_terms))
         self.punct_regex = re.compile(r"[;!\n\r,:?。、.]")
         self.cdr_regex = re.compile(CDR_RE)
+        self.explained_by = {
+            i: tuple(ontology.index(other) for other in lab.explained_by)
+            for i, lab in enumerate(ontology.labels)
+            if lab.explained_by
+        }
         self.glaucoma = ontology.index("glaucoma") if "glaucoma" in ontology.label_ids else None
         self.normal = ontology.index("normal") if "normal" in ontology.label_ids else None

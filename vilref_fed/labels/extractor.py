@@ -43,11 +43,16 @@ from vilref_fed.labels.compiler import (
     POSITIVE,
     QUESTION,
     UNCERTAIN,
+    WEAK,
     Scanner,
 )
 from vilref_fed.ontology import Ontology, load_ontology
 
 _TRANSLATE = str.maketrans({"’": "'", "‘": "'", "\u00a0": " ", "\u3000": " "})
+_TAIL_FILLER = re.compile(
+    r"(?:[\s()\[\]/]+|(?:in|at|of|on|the|a|any|either|both|all|area|region|quadrants?|seen)(?![a-z0-9])"
+    r"|等|改变|表现|处|区|部)*"
+)
 _FILLER = re.compile(
     r"(?:\s+|(?:or|and|nor|any|either|other|also|some|the|a|an|further|more)(?![a-z0-9])"
     r"|或者|或|以及|及|和|与|、|明显的?|其他|任何|/|&)*"
@@ -129,19 +134,22 @@ def _normalise(text: str) -> tuple[str, str]:
 class _Seg:
     """A comma/colon-delimited stretch of a clause: its span, the separator before it, its tokens."""
 
-    __slots__ = ("start", "end", "sep", "toks")
+    __slots__ = ("start", "end", "sep", "toks", "has_eye")
 
     def __init__(self, start: int, sep: int | None) -> None:
         self.start = start
         self.end = start
         self.sep = sep
         self.toks: list[tuple] = []
+        self.has_eye = False
 
 
-_FINDINGS = frozenset({MENTION, MEASURE, LESION})
-_LIST_ITEMS = frozenset({MENTION, NONFIND, LESION})
+_FINDINGS = frozenset({MENTION, MEASURE, LESION, WEAK})
+_LIST_ITEMS = frozenset({MENTION, NONFIND, LESION, WEAK})
+# tokens that may follow the last item of a list without starting a new statement
+_LIST_TAIL = frozenset({EYE, AFFIRM, CONNECT, ANATOMY, NONFIND, CUE})
 _PUNCT_KIND = {",": COMMA, ":": COLON, "?": QUESTION, "、": CONNECT}
-_CDR_TRIGGERS = ("c/d", "cdr", "cup", "c:d", "杯")
+_CDR_TRIGGER = re.compile(r"c[ \t]*[/:]|cdr|cup|杯")  # cheap test before the C/D value pattern
 
 
 def _by_position(tok: tuple) -> tuple[int, int]:
@@ -161,6 +169,7 @@ class LabelExtractor:
         self._normal = sc.normal
         self._glaucoma = sc.glaucoma
         self._site_findings = sc.site_findings
+        self._explained_by = sc.explained_by
 
     @staticmethod
     def _lookup_table(sc: Scanner) -> dict[str, tuple]:
@@ -187,15 +196,16 @@ class LabelExtractor:
         toks: list[tuple] = []
         append = toks.append
         for m in self._en.finditer(low):
-            entry = get(m.group())
+            word = m.group()
+            entry = get(word)
             if entry is None:  # hyphens or several spaces inside the term
-                entry = get(m.group().translate(_DELETE_SEPARATORS))
+                entry = get(word.translate(_DELETE_SEPARATORS))
                 if entry is None:  # pragma: no cover - the regex only matches table keys
                     continue
-            s, e = m.span()
+            s = m.start()
             if entry[3] is not None and text[s : s + entry[4]] not in entry[3]:
                 continue
-            append((s, e, entry[0], entry[1], entry[2]))
+            append((s, s + len(word), entry[0], entry[1], entry[2]))
         for m in self._punct.finditer(low):
             s = m.start()
             ch = m.group()
@@ -209,7 +219,7 @@ class LabelExtractor:
                 if entry is not None:
                     append((m.start(), m.end(), entry[0], entry[1], entry[2]))
                     extra = True
-        if any(t in low for t in _CDR_TRIGGERS):
+        if _CDR_TRIGGER.search(low) is not None:
             for m in self._cdr.finditer(low):
                 value = float(m.group("cdrv"))
                 if self._glaucoma is None or value < 0.6:
@@ -252,7 +262,10 @@ class LabelExtractor:
                 segs.append(seg)
             elif kind == QUESTION:
                 nxt = toks[i + 1] if i < last else None
-                if nxt is not None and nxt[2] in _FINDINGS and nxt[0] - tok[1] <= 1:
+                prev = toks[i - 1] if i else None
+                closes = prev is not None and prev[2] in _FINDINGS and tok[0] - prev[1] <= 1  # "glaucoma?"
+                # "?glaucoma", "? early AMD": the next token is the finding, a word or two away
+                if not closes and nxt is not None and nxt[2] in _FINDINGS and nxt[0] - tok[1] <= 12:
                     seg.toks.append((tok[0], tok[1], CUE, lx.HEDGE, lx.PRE))  # "?glaucoma"
                 else:
                     seg.toks.append((tok[0], tok[1], CUE, lx.HEDGE, lx.POST))  # "glaucoma?"
@@ -262,6 +275,8 @@ class LabelExtractor:
                     segs = [seg]
             else:
                 seg.toks.append(tok)
+                if kind == EYE:
+                    seg.has_eye = True
         seg.end = n
         clauses.append(segs)
         return clauses
@@ -284,8 +299,10 @@ class LabelExtractor:
         whether a cue *after* the list ("..., exudates and drusen are absent") reaches back over it.
         """
         first = None
+        last_item = -1
         cue_after = has_affirm = has_connector = False
-        for tok in seg.toks:
+        toks = seg.toks
+        for i, tok in enumerate(toks):
             kind = tok[2]
             if kind == CONNECT:
                 has_connector = True
@@ -297,13 +314,24 @@ class LabelExtractor:
                 cue_after = True
             elif kind == AFFIRM:
                 has_affirm = True
+            if kind in _LIST_ITEMS:
+                last_item = i
         if first is None or first[2] not in _LIST_ITEMS:
             return False, False
         if first[0] > seg.start and not _FILLER.fullmatch(low, seg.start, first[0]):
             return False, False
         # A cue after the items reaches back over the commas only when the segment closes a list
         # ("..., exudates and drusen absent"), not in "糖网，黄斑水肿待排".
-        return (not cue_after and (not has_affirm or has_connector)), (not cue_after or has_connector)
+        backward = not cue_after or has_connector
+        if cue_after or (has_affirm and not has_connector):
+            return False, backward
+        # "无黄斑水肿，cataract 轻度": words after the last item start a new statement
+        pos = toks[last_item][1]
+        for tok in toks[last_item + 1 :]:
+            if tok[2] not in _LIST_TAIL or not _TAIL_FILLER.fullmatch(low, pos, tok[0]):
+                return False, backward
+            pos = tok[1]
+        return _TAIL_FILLER.fullmatch(low, pos, max(pos, seg.end)) is not None, backward
 
     @staticmethod
     def _normal_alone(seg: _Seg, tok: tuple, low: str) -> bool:
@@ -319,7 +347,10 @@ class LabelExtractor:
         return _NORMAL_CONTEXT.fullmatch(low, pos, max(pos, seg.end)) is not None
 
     def _read(self, text: str, low: str) -> list[list]:
-        """[label index, state, eye] for every finding; state 0 marks history/plan (not a finding)."""
+        """[label index, state, eye, weak, eye stated locally] for every finding.
+
+        State 0 marks a finding under a history or plan cue (not a finding of this photograph).
+        """
         toks = self._tokens(text, low)
         if not toks:
             return []
@@ -333,10 +364,11 @@ class LabelExtractor:
             active_neg = False
             site = None  # the last anatomical site named in this clause
             open_m: list[list] = []
+            clause_recs: list[list] = []
             last_end = -1  # end of the last finding, for adjacent history cues ("RD repair")
             for si, seg in enumerate(clause):
                 stoks = seg.toks
-                if si:
+                if si and (active or open_m):
                     forward, backward = self._continues_list(seg, low) if stoks else (False, False)
                     if not forward:
                         active = 0
@@ -344,26 +376,37 @@ class LabelExtractor:
                         open_m = []
                 if not stoks:
                     continue
+                # "..., left eye." closing the clause: the eye of what came before in the clause
+                if si and si == len(clause) - 1 and all(t[2] == EYE or t[2] == CONNECT for t in stoks):
+                    trailing = {t[3] for t in stoks if t[2] == EYE}
+                    trailing_eye = trailing.pop() if len(trailing) == 1 else "OU"
+                    for rec in clause_recs:
+                        if not rec[4]:
+                            rec[2] = trailing_eye
+                    continue
                 # eyes: a marker before any finding/cue opens a section; a later one is local
                 eye = section_eye
-                local = None
-                seen_content = False
-                for tok in stoks:
-                    kind = tok[2]
-                    if kind == EYE:
-                        if seen_content:
-                            local = tok[3] if local is None or local == tok[3] else "OU"
-                        else:
-                            section_eye = eye = tok[3]
-                    elif kind != CONNECT:
-                        seen_content = True
-                if local is not None:
-                    eye = local
+                local_eye = False
+                if seg.has_eye:
+                    local = None
+                    seen_content = False
+                    for tok in stoks:
+                        kind = tok[2]
+                        if kind == EYE:
+                            if seen_content:
+                                local = tok[3] if local is None or local == tok[3] else "OU"
+                            else:
+                                section_eye = eye = tok[3]
+                        elif kind != CONNECT:
+                            seen_content = True
+                    if local is not None:
+                        eye = local
+                        local_eye = True
                 first_rel = True
                 for k, tok in enumerate(stoks):
                     kind = tok[2]
                     label = -1
-                    if kind == MENTION or kind == MEASURE:
+                    if kind == MENTION or kind == MEASURE or kind == WEAK:
                         label, base = tok[3], tok[4]
                     elif kind == LESION:
                         label = site_findings.get((site, tok[3]), -1)
@@ -402,8 +445,9 @@ class LabelExtractor:
                         if active and not active_neg:
                             active = 0  # "probable BRVO with macular oedema": the oedema is seen
                     if label >= 0:
-                        rec = [label, 0 if plan else (active or base), eye]
+                        rec = [label, 0 if plan else (active or base), eye, kind == WEAK, local_eye]
                         found.append(rec)
+                        clause_recs.append(rec)
                         last_end = tok[1]
                         if not plan and not active:
                             open_m.append(rec)
@@ -423,13 +467,25 @@ class LabelExtractor:
             return EMPTY
         orig, low = _normalise(text)
         best: dict[int, int] = {}
-        for label, state, where in self._read(orig, low):
+        weak: list[tuple[int, int]] = []
+        for label, state, where, is_weak, _local in self._read(orig, low):
             if state <= 0:
                 continue
             if want is not None and where is not None and where != "OU" and where != want:
                 continue
-            if state > best.get(label, 0):
+            if is_weak:
+                weak.append((label, state))
+            elif state > best.get(label, 0):
                 best[label] = state
+        if weak:
+            # shared lesions ("haemorrhages") count only if nothing else found explains them
+            explained_by = self._explained_by
+            for label, state in weak:
+                others = explained_by.get(label, ())
+                if state >= UNCERTAIN and any(best.get(o, 0) >= UNCERTAIN for o in others):
+                    continue
+                if state > best.get(label, 0):
+                    best[label] = state
         if not best:
             return EMPTY
         normal = self._normal
@@ -447,7 +503,9 @@ class LabelExtractor:
     def mentions(self, text: str) -> list[tuple[int, int, str]]:
         """(start, end, label_id) of every finding term in the normalised text; for tests and tooling."""
         orig, low = _normalise(text)
-        return [(t[0], t[1], self._ids[t[3]]) for t in self._tokens(orig, low) if t[2] == MENTION]
+        return [
+            (t[0], t[1], self._ids[t[3]]) for t in self._tokens(orig, low) if t[2] == MENTION or t[2] == WEAK
+        ]
 
 
 _DEFAULT: LabelExtractor | None = None

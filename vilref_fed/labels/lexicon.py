@@ -39,7 +39,8 @@ NEGATION: dict[str, int] = {
     "无": PRE, "未见": PRE, "未见明显": PRE, "未见确切": PRE, "未见明确": PRE, "未发现": PRE, "没有": PRE,
     "否认": PRE, "排除": BOTH, "除外": BOTH, "已排除": POST, "未见到": PRE, "未查见": PRE, "无明显": PRE,
     "无明确": PRE, "未探及": PRE, "未及": PRE, "不伴": PRE, "不伴有": PRE, "并无": PRE, "未出现": PRE,
-    "阴性": POST, "消失": POST, "消退": POST, "不明显": POST,
+    "阴性": POST, "消失": POST, "消退": POST, "不明显": POST, "依据不足": POST, "证据不足": POST,
+    "不支持": PRE,
 }
 
 HEDGES: dict[str, int] = {
@@ -53,7 +54,9 @@ HEDGES: dict[str, int] = {
     "consider": PRE, "considered": POST, "suggestive of": PRE, "suggests": PRE, "suggesting": PRE,
     "may have": PRE, "may represent": PRE, "may be": PRE, "might be": PRE, "could be": PRE, "presumed": BOTH,
     "presumably": PRE, "doubtful": BOTH, "uncertain": BOTH, "differential": PRE,
-    "differential diagnosis": PRE, "ddx": PRE, "early signs of": PRE,
+    "differential diagnosis": PRE, "ddx": PRE, "early signs of": PRE, "unable to exclude": PRE,
+    "unable to rule out": PRE, "not able to exclude": PRE, "difficult to exclude": PRE,
+    "cannot be completely excluded": POST,
     # Chinese
     "疑似": BOTH, "可疑": BOTH, "考虑": PRE, "考虑为": PRE, "首先考虑": PRE, "待排": POST, "待排除": POST,
     "待除外": POST, "待查": POST, "不除外": BOTH, "不能除外": BOTH, "不排除": BOTH, "不能排除": BOTH,
@@ -70,7 +73,7 @@ HISTORY: dict[str, int] = {
     "treated previously": POST,
     # Chinese
     "既往": PRE, "曾患": PRE, "曾行": PRE, "曾有": PRE, "曾": PRE, "既往史": PRE, "病史": BOTH, "史": POST,
-    "术后": POST, "手术后": POST, "治疗后": POST, "修复术后": POST,
+    "术后": POST, "手术后": POST, "修复术后": POST,
 }
 
 PLANS: dict[str, int] = {
@@ -97,6 +100,7 @@ AFFIRMATIONS: tuple[str, ...] = (
     "present", "seen", "noted", "visible", "observed", "evident", "identified", "detected", "shows", "show",
     "showing", "shown", "demonstrates", "demonstrated", "reveals", "revealed", "with", "has", "have",
     "there is", "there are", "consistent with", "in keeping with", "compatible with", "confirmed", "found",
+    "secondary to", "due to", "caused by", "associated with", "继发于", "所致",
     "可见", "见", "有", "伴", "伴有", "呈", "示", "存在", "显示", "提示", "合并", "出现", "明确",
 )
 
@@ -120,6 +124,7 @@ NORMAL_WORDS: tuple[str, ...] = ("normal", "正常", "基本正常", "大致正�
 NORMAL_CONTEXT_WORDS: tuple[str, ...] = (
     "impression", "diagnosis", "findings", "finding", "conclusion", "result", "fundus", "fundi", "exam",
     "examination", "retina", "retinal", "photo", "photograph", "image", "study", "is", "are", "appears",
-    "appear", "otherwise", "essentially", "overall", "grossly", "looks", "the", "both", "eyes", "eye",
+    "appear", "appearance", "appearances", "otherwise", "essentially", "overall", "grossly", "looks",
+    "the", "both", "eyes", "eye",
     "眼底", "诊断", "印象", "检查", "结果", "所见", "照相", "均", "双眼", "右眼", "左眼", "眼", "彩照",
 )

@@ -25,6 +25,9 @@ _LIST_KEYS = (
     "synonyms_zh",
     "uncertain_synonyms_en",
     "uncertain_synonyms_zh",
+    "weak_synonyms_en",
+    "weak_synonyms_zh",
+    "explained_by",
     "abbreviations",
     "descriptors_en",
     "descriptors_zh",
@@ -34,6 +37,8 @@ _SYNONYM_KEYS = (
     "synonyms_zh",
     "uncertain_synonyms_en",
     "uncertain_synonyms_zh",
+    "weak_synonyms_en",
+    "weak_synonyms_zh",
     "abbreviations",
 )
 _LABEL_KEYS = {"id", "name_en", "name_zh", *_LIST_KEYS}
@@ -214,6 +219,13 @@ def _parse_base(path: Path) -> tuple[dict, list[Label], _Lines]:
         raise OntologyError(f"{path.name}: the ontology has no [[labels]]; at least one label is required")
     labels = [_parse_label(raw, i, lines) for i, raw in enumerate(raw_labels)]
     ids = [lab.id for lab in labels]
+    for i, lab in enumerate(labels):
+        for other in lab.explained_by:
+            if other not in ids or other == lab.id:
+                line = lines.where(lines.find(f'"{other}"', i))
+                raise OntologyError(
+                    f"{line}: explained_by of {lab.id!r} names {other!r}, which is not another label"
+                )
     for i, label_id in enumerate(ids):
         if label_id in ids[:i]:
             raise OntologyError(

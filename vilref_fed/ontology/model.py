@@ -24,6 +24,11 @@ class Label:
     # Phrases that by themselves mean "suspected" ("glaucoma suspect"): state uncertain without a hedge cue.
     uncertain_synonyms_en: tuple[str, ...] = ()
     uncertain_synonyms_zh: tuple[str, ...] = ()
+    # Lesions shared with other diseases: they count for this label only when none of the labels in
+    # `explained_by` is positive or uncertain for the same eye ("haemorrhages" with a CRVO are not DR).
+    weak_synonyms_en: tuple[str, ...] = ()
+    weak_synonyms_zh: tuple[str, ...] = ()
+    explained_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
