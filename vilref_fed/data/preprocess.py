@@ -88,7 +88,7 @@ def to_model_tensor(
     import torch
 
     if rgb.shape[0] != image_size or rgb.shape[1] != image_size:
-        rgb = np.asarray(Image.fromarray(rgb).resize((image_size, image_size), Image.Resampling.BILINEAR))
+        rgb = np.array(Image.fromarray(rgb).resize((image_size, image_size), Image.Resampling.BILINEAR))
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)

@@ -151,7 +151,7 @@ class SiteDataset(_TorchDataset):  # type: ignore[misc]
 
         r = self.records[index]
         with Image.open(r.file) as im:
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = np.array(im.convert("RGB"))  # writable: torch.from_numpy warns on read-only arrays
         return {
             "image": to_model_tensor(rgb, self.image_size, self.mean, self.std),
             "text": r.text,
