@@ -2,8 +2,8 @@
 
 Run:  .venv/bin/python bench/labels.py [--n 20000] [--repeats 5]
 
-Corpus: seeded, template-built radiology-style reports (English ~200 characters, Chinese ~80-100
-characters carrying the same findings), mixing findings, negated lists, hedges, eye sections and plans.
+Corpus: seeded, template-built fundus reports (English ~200 characters, Chinese ~60-70 characters,
+which carry about the same findings), mixing findings, negated lists, hedges, eye sections and plans.
 Columns, measured in one process on the same reports:
 - extractor: `LabelExtractor.extract` (what `vilref-client labels extract` does per row);
 - scan_only: the compiled regex passes alone (the floor any regex-based extractor pays);
@@ -79,14 +79,16 @@ ZH_PLANS = ["建议定期复查。", "建议青光眼门诊随访。", "既往�
 def make_en(rng: random.Random) -> str:
     right = rng.choice(EN_FINDINGS)
     left = rng.choice(EN_FINDINGS + EN_NEGATIVES)
-    text = f"Right eye: {right}; {rng.choice(EN_NEGATIVES)}. Left eye: {left}. {rng.choice(EN_PLANS)}"
-    return text[0].upper() + text[1:]
+    return (
+        f"Right eye: {right}; {rng.choice(EN_NEGATIVES)}. "
+        f"Left eye: {left}; {rng.choice(EN_NEGATIVES)}. {rng.choice(EN_PLANS)}"
+    )
 
 
 def make_zh(rng: random.Random) -> str:
     return (
-        f"右眼：{rng.choice(ZH_FINDINGS)}，{rng.choice(ZH_NEGATIVES)}。"
-        f"左眼：{rng.choice(ZH_FINDINGS + ZH_NEGATIVES)}。{rng.choice(ZH_PLANS)}"
+        f"眼底照相示：右眼{rng.choice(ZH_FINDINGS)}，{rng.choice(ZH_NEGATIVES)}。"
+        f"左眼{rng.choice(ZH_FINDINGS + ZH_NEGATIVES)}，{rng.choice(ZH_NEGATIVES)}。{rng.choice(ZH_PLANS)}"
     )
 
 

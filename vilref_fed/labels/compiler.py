@@ -1,7 +1,7 @@
 """Compile an ontology plus the cue lexicon into one scanner: a single regex pass finds every term.
 
-Every term (synonyms in all spellings, cues, eye markers, punctuation) is matched by one master regex;
-a dictionary keyed by the term with its separators removed says what the match means. Compiling once
+Every term (synonyms in all spellings, cues, eye markers, punctuation) is found by a few regex passes
+built as character tries; a dictionary keyed by the matched text says what the match means. Compiling once
 per ontology is what makes extraction fast (bench/labels.py).
 """
 
@@ -47,6 +47,10 @@ CDR_RE = (
     r"(?:[ \t]*(?:of|is|was|=|:|~|≈|约|为|approximately|approx\.?|about|around|estimated at))*"
     r"[ \t]*(?P<cdrv>0?\.\d{1,2}|1\.0|0|1)(?!\d|\.\d)"
 )
+
+
+PUNCTUATION = r"[;!\n\r,:?。、.]"
+PUNCTUATION_KINDS = {",": COMMA, ":": COLON, "?": QUESTION, "、": CONNECT}  # the others end a clause
 
 
 @dataclass(frozen=True)
@@ -166,11 +170,14 @@ class Scanner:
                     expand=False,
                 )
 
-        # Separate passes: one combined alternation would defeat `re`'s first-character skipping and
-        # costs several times more than the four passes together.
-        self.en_regex = re.compile(rf"(?<![a-z0-9])(?:{trie_pattern(en_terms)})(?:e?s)?(?![a-z0-9])")
+        # Three passes, not one: a single alternation of everything would defeat `re`'s skipping of
+        # impossible start positions and costs several times more. Punctuation rides with the English
+        # pass (one cheap extra branch), the Chinese pass runs only on non-ASCII text and the C/D
+        # pattern only when the text mentions a cup-to-disc ratio.
+        self.en_regex = re.compile(
+            rf"(?<![a-z0-9])(?:{trie_pattern(en_terms)})(?:e?s)?(?![a-z0-9])|{PUNCTUATION}"
+        )
         self.zh_regex = re.compile(trie_pattern(zh_terms))
-        self.punct_regex = re.compile(r"[;!\n\r,:?。、.]")
         self.cdr_regex = re.compile(CDR_RE)
         self.explained_by = {
             i: tuple(ontology.index(other) for other in lab.explained_by)

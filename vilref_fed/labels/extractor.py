@@ -41,6 +41,7 @@ from vilref_fed.labels.compiler import (
     NONFIND,
     NORMAL_WORD,
     POSITIVE,
+    PUNCTUATION_KINDS,
     QUESTION,
     UNCERTAIN,
     WEAK,
@@ -48,7 +49,9 @@ from vilref_fed.labels.compiler import (
 )
 from vilref_fed.ontology import Ontology, load_ontology
 
-_TRANSLATE = str.maketrans({"’": "'", "‘": "'", "\u00a0": " ", "\u3000": " "})
+# Full-width punctuation of Chinese text, mapped as NFKC maps it but with str.replace, which is much
+# cheaper than NFKC over the whole text; NFKC still runs when anything else needs it.
+_FULL_WIDTH = (("，", ","), ("：", ":"), ("；", ";"), ("（", "("), ("）", ")"), ("？", "?"), ("！", "!"))
 _TAIL_FILLER = re.compile(
     r"(?:[\s()\[\]/]+|(?:in|at|of|on|the|a|any|either|both|all|area|region|quadrants?|seen)(?![a-z0-9])"
     r"|等|改变|表现|处|区|部)*"
@@ -124,7 +127,13 @@ EMPTY = ReportLabels()
 def _normalise(text: str) -> tuple[str, str]:
     """(case-preserved, lower-case) copies of the text with identical lengths, so positions agree."""
     if not text.isascii():
-        text = unicodedata.normalize("NFKC", text).translate(_TRANSLATE)
+        for wide, narrow in _FULL_WIDTH:
+            if wide in text:
+                text = text.replace(wide, narrow)
+        if not unicodedata.is_normalized("NFKC", text):
+            text = unicodedata.normalize("NFKC", text)
+        if "’" in text or "‘" in text:
+            text = text.replace("’", "'").replace("‘", "'")
     low = text.lower()
     if len(low) != len(text):  # a few characters (e.g. 'İ') lower to two; keep positions aligned
         low = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
@@ -148,12 +157,8 @@ _FINDINGS = frozenset({MENTION, MEASURE, LESION, WEAK})
 _LIST_ITEMS = frozenset({MENTION, NONFIND, LESION, WEAK})
 # tokens that may follow the last item of a list without starting a new statement
 _LIST_TAIL = frozenset({EYE, AFFIRM, CONNECT, ANATOMY, NONFIND, CUE})
-_PUNCT_KIND = {",": COMMA, ":": COLON, "?": QUESTION, "、": CONNECT}
+_DOT = "."
 _CDR_TRIGGER = re.compile(r"c[ \t]*[/:]|cdr|cup|杯")  # cheap test before the C/D value pattern
-
-
-def _by_position(tok: tuple) -> tuple[int, int]:
-    return tok[0], -tok[1]
 
 
 class LabelExtractor:
@@ -163,7 +168,7 @@ class LabelExtractor:
         self.ontology = ontology
         self.scanner = Scanner(ontology)
         sc = self.scanner
-        self._en, self._zh, self._punct, self._cdr = sc.en_regex, sc.zh_regex, sc.punct_regex, sc.cdr_regex
+        self._en, self._zh, self._cdr = sc.en_regex, sc.zh_regex, sc.cdr_regex
         self._table = self._lookup_table(sc)
         self._ids = ontology.label_ids
         self._normal = sc.normal
@@ -173,19 +178,23 @@ class LabelExtractor:
 
     @staticmethod
     def _lookup_table(sc: Scanner) -> dict[str, tuple]:
-        """Matched text -> (kind, a, b, case forms, length of the unsuffixed term).
+        """Matched text -> ((kind, a, b), check, length of the unsuffixed term).
 
         Holds each term compact ("nonproliferative"), as written ("non proliferative") and with plural
-        endings, so the common case is one dictionary hit without rewriting the matched text.
+        endings, so the common case is one dictionary hit without rewriting the matched text. `check`
+        is None, the case-sensitive forms of a short abbreviation, or _DOT for a full stop.
         """
         table: dict[str, tuple] = {}
         for source in (sc.table, sc.forms):
             for key, e in source.items():
-                table[key] = (e.kind, e.a, e.b, e.case_forms, len(key))
+                table[key] = ((e.kind, e.a, e.b), e.case_forms, len(key))
         for key, value in list(table.items()):
             if key.isascii():
                 table.setdefault(key + "s", value)
                 table.setdefault(key + "es", value)
+        for ch in ";!\n\r,:?。、.":
+            kind = PUNCTUATION_KINDS.get(ch, BOUNDARY)
+            table[ch] = ((kind, None, None), _DOT if ch == "." else None, 1)
         return table
 
     # ---- tokenising -------------------------------------------------------------------------------
@@ -203,21 +212,20 @@ class LabelExtractor:
                 if entry is None:  # pragma: no cover - the regex only matches table keys
                     continue
             s = m.start()
-            if entry[3] is not None and text[s : s + entry[4]] not in entry[3]:
-                continue
-            append((s, s + len(word), entry[0], entry[1], entry[2]))
-        for m in self._punct.finditer(low):
-            s = m.start()
-            ch = m.group()
-            if ch == "." and low[s + 1 : s + 2].isdigit():
-                continue
-            append((s, s + 1, _PUNCT_KIND.get(ch, BOUNDARY), None, None))
+            check = entry[1]
+            if check is not None:
+                if check is _DOT:
+                    if low[s + 1 : s + 2].isdigit():  # "0.7", not a full stop
+                        continue
+                elif text[s : s + entry[2]] not in check:
+                    continue
+            append((s, s + len(word)) + entry[0])
         extra = False
         if not low.isascii():
             for m in self._zh.finditer(low):
                 entry = get(m.group()) or get(m.group().translate(_DELETE_SEPARATORS))
                 if entry is not None:
-                    append((m.start(), m.end(), entry[0], entry[1], entry[2]))
+                    append((m.start(), m.end()) + entry[0])
                     extra = True
         if _CDR_TRIGGER.search(low) is not None:
             for m in self._cdr.finditer(low):
@@ -229,17 +237,19 @@ class LabelExtractor:
                     append((m.start(), m.end(), MEASURE, self._glaucoma, state))
                 extra = True
         if not extra:
-            toks.sort()
-            return toks
+            return toks  # one pass: already in order, no overlaps
         # Passes may overlap (a colon inside "C/D: 0.8", a Chinese term holding Latin letters):
         # the leftmost, then longest, token wins.
-        toks.sort(key=_by_position)
+        toks.sort()
         kept: list[tuple] = []
-        last = -1
+        last_start = last_end = -1
         for tok in toks:
-            if tok[0] >= last:
+            if tok[0] >= last_end:
                 kept.append(tok)
-                last = tok[1]
+                last_start, last_end = tok[0], tok[1]
+            elif tok[0] == last_start and tok[1] > last_end:  # same start, longer: it wins
+                kept[-1] = tok
+                last_end = tok[1]
         return kept
 
     # ---- reading ----------------------------------------------------------------------------------
@@ -493,12 +503,13 @@ class LabelExtractor:
             if any(s >= UNCERTAIN for lab, s in best.items() if lab != normal):
                 del best[normal]
         ids = self._ids
-        order = sorted(best)
-        return ReportLabels(
-            positive=tuple(ids[i] for i in order if best[i] == POSITIVE),
-            uncertain=tuple(ids[i] for i in order if best[i] == UNCERTAIN),
-            negated=tuple(ids[i] for i in order if best[i] == NEGATED),
-        )
+        pos: list[str] = []
+        unc: list[str] = []
+        neg: list[str] = []
+        for i in sorted(best):
+            state = best[i]
+            (pos if state == POSITIVE else unc if state == UNCERTAIN else neg).append(ids[i])
+        return ReportLabels(tuple(pos), tuple(unc), tuple(neg))
 
     def mentions(self, text: str) -> list[tuple[int, int, str]]:
         """(start, end, label_id) of every finding term in the normalised text; for tests and tooling."""
