@@ -129,6 +129,12 @@ def register(app: typer.Typer) -> None:
         labels_from: str = typer.Option(
             "extractor", "--labels-from", help="--data only: extractor (from report text), report or truth."
         ),
+        threads: int | None = typer.Option(
+            None,
+            "--threads",
+            min=1,
+            help="CPU threads for torch (default: all cores; fewer on a shared host).",
+        ),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
         print_config: bool = typer.Option(
             False, "--print-config", help="Print the effective train settings as TOML and exit."
@@ -161,6 +167,10 @@ def register(app: typer.Typer) -> None:
             fail(f"{out} already holds a training run; pass --resume to continue it or --force to replace it")
         if labels_from not in ("extractor", "report", "truth"):
             fail("--labels-from must be extractor, report or truth")
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         _run(
             site_dir,
             data,

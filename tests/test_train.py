@@ -174,23 +174,51 @@ def test_a_non_finite_loss_stops_training_before_any_update():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+class PowerCut(torch.utils.data.Dataset):
+    """A dataset whose machine dies after `limit` item reads (mid-run, between checkpoints)."""
+
+    def __init__(self, data, limit: int) -> None:
+        self.data, self.limit, self.reads = data, limit, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        if self.reads > self.limit:
+            raise RuntimeError("power cut")
+        return self.data[index]
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_checkpoints_resume_exactly(tmp_path, grad_accum):
-    """N steps in one go == N/2 steps, checkpoint, fresh process state, resume, N/2 steps (bit for bit)."""
+    """6 steps in one go == 6 steps that crash after step 4 (checkpoint at 3), resumed from that
+    checkpoint in a fresh trainer: identical weights, queues, optimiser moments and counters, bit for bit."""
     data = ToyPairs(36, seed=2)  # 36 items / 8 per batch: epochs end mid-plan, position must carry over
-    cfg = small_config(max_steps=6, grad_accum=grad_accum)
+    cfg = small_config(grad_accum=grad_accum)
+    ckpt = tmp_path / "resume.pt"
 
     torch.manual_seed(11)
     straight = LocalTrainer(build_model(tiny_with_dropout()), cfg)
-    straight.fit(data, progress=False)
+    straight.fit(data, max_steps=6, progress=False)
 
     torch.manual_seed(11)
-    first = LocalTrainer(build_model(tiny_with_dropout()), cfg)
-    first.fit(data, max_steps=3, progress=False)
-    first.save_checkpoint(tmp_path / "resume.pt")
+    crashed = LocalTrainer(build_model(tiny_with_dropout()), cfg)
+    reads_for_three_steps = 1 + 3 * 8 * grad_accum  # (+1: the item-contract check)
+    with pytest.raises(RuntimeError, match="power cut"):
+        crashed.fit(
+            PowerCut(data, reads_for_three_steps + 3),
+            max_steps=6,
+            progress=False,
+            checkpoint_path=ckpt,
+            checkpoint_every=3,
+        )
+    assert crashed.global_step == 3
+
     torch.manual_seed(999)  # a different process: nothing may depend on the ambient RNG
     resumed = LocalTrainer(build_model(tiny_with_dropout()), cfg)
-    resumed.load_checkpoint(tmp_path / "resume.pt")
+    resumed.load_checkpoint(ckpt)
+    assert (resumed.global_step, resumed.plan_start, resumed.plan_end) == (3, 0, 6)
     resumed.fit(data, max_steps=3, progress=False)
 
     a, b = straight.state_dict(), resumed.state_dict()
@@ -201,6 +229,22 @@ def test_checkpoints_resume_exactly(tmp_path, grad_accum):
     assert a["counters"] == b["counters"]
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_each_fit_call_gets_its_own_plan_unless_total_steps_spans_them():
+    data = ToyPairs(24)
+    rounds = LocalTrainer(build_model("tiny"), small_config(warmup_steps=0))
+    rounds.fit(data, max_steps=2, progress=False)
+    assert (rounds.plan_start, rounds.plan_end) == (0, 2)
+    metrics = rounds.fit(data, max_steps=3, progress=False)  # e.g. the next federated round
+    assert (rounds.plan_start, rounds.plan_end) == (2, 5)
+    assert metrics["lr"] < 1e-3 * 0.3  # its cosine ended with the round
+    spanning = LocalTrainer(build_model("tiny"), small_config(warmup_steps=0, total_steps=10))
+    spanning.fit(data, max_steps=2, progress=False)
+    metrics = spanning.fit(data, max_steps=3, progress=False)
+    assert (spanning.plan_start, spanning.plan_end) == (0, 10)
+    assert metrics["lr"] > 1e-3 * 0.5  # half-way through the 10-step cosine
 
 
 def test_site_state_round_trips_without_online_weights(tmp_path):

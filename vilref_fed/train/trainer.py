@@ -53,9 +53,17 @@ def resolve_device(spec: str) -> torch.device:
 
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train config asks for device {spec!r} but no CUDA device is available; use 'auto'")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"train config: unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"train config asks for device {spec!r} but no CUDA device is available; use 'auto'"
+            )
+        if device.index is None:  # DDP and autocast want an explicit index
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -205,20 +213,20 @@ class LocalTrainer:
         """Train for `max_steps` optimiser steps, or `epochs` epochs, or the config's amount
         (config.max_steps, else config.epochs). Returns scalar metrics only.
 
-        The learning-rate plan is a property of the configuration, not of this call: it spans
-        `config.total_steps` steps from step 0 when set; otherwise `config.max_steps` (or
-        `config.epochs` epochs) from the step where the previous plan ended. So an interrupted run
-        resumed from a checkpoint finishes the same plan, and each federated round (one fit call
-        of `epochs` local epochs) gets its own warm-restarted cosine. With `checkpoint_path`, a
-        resume checkpoint is written every `checkpoint_every` steps and at the end.
+        The learning-rate plan spans `config.total_steps` steps from step 0 when that is set.
+        Otherwise a call that finds no unfinished plan starts one over its own steps (so each
+        federated round, one fit call, gets its own warm-restarted cosine that ends with the
+        round), and a call that finds an unfinished plan (a run resumed from a checkpoint written
+        mid-way, see `checkpoint_path`) continues it, so the resumed run ends exactly where the
+        uninterrupted one would have. With `checkpoint_path`, a resume checkpoint is written
+        every `checkpoint_every` steps and at the end.
         """
         plan = self._plan(dataset)
         steps = self._steps_for(plan, epochs, max_steps)
         if self.config.total_steps:
             self.plan_start, self.plan_end = 0, self.config.total_steps
         elif self.plan_end <= self.global_step:
-            horizon = self._steps_for(plan, None, None)
-            self.plan_start, self.plan_end = self.global_step, self.global_step + horizon
+            self.plan_start, self.plan_end = self.global_step, self.global_step + steps
         target = self.global_step + steps
         sums = {k: torch.zeros((), device=self.device) for k in (*LOSS_KEYS, "false_negatives", "refilled")}
         last_loss = float("nan")
