@@ -30,6 +30,18 @@ def _open(site_dir: Path):
         fail(str(exc))
 
 
+def _describe(exc: BaseException) -> str:
+    """One line about a system or database error. SQLAlchemy's own text quotes the statement's
+    parameters (report text, keys), so only the driver's first line is shown."""
+    orig = getattr(exc, "orig", None)
+    if orig is not None:
+        first = (str(orig).strip().splitlines() or [""])[0]
+        return f"database error ({type(orig).__name__}: {first[:200]})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    return type(exc).__name__
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()
@@ -214,6 +226,8 @@ def ingest(
     commit_every: int = typer.Option(32, "--commit-every", min=1, hidden=True, help="Files per transaction."),
 ) -> None:
     """Ingest DICOM exports and report CSVs into the site: idempotent, resumable, de-identified."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from vilref_fed.data.ingest import IngestError, IngestOptions, list_problems
     from vilref_fed.data.ingest import ingest as run_ingest
 
@@ -232,6 +246,8 @@ def ingest(
             result = run_ingest(site, options, progress=progress)
     except IngestError as exc:
         fail(str(exc))
+    except (OSError, SQLAlchemyError) as exc:
+        fail(f"ingestion stopped: {_describe(exc)}; what was committed is kept, run the same command again")
     except KeyboardInterrupt:
         err_console.print(
             "[yellow]interrupted[/]: everything committed so far is kept; run the same command to finish."

@@ -346,3 +346,112 @@ def test_bad_invocations_are_one_line_errors(tmp_path: Path) -> None:
     assert "language" in r.stderr
     r = cli("quarantine", "list", "--site-dir", str(site), "--reason", "nope", code=2)
     assert "unknown reason" in r.stderr
+
+
+def test_odd_names_dicomdir_nested_site_and_two_workers(tmp_path: Path) -> None:
+    """Any file name (non-UTF-8 bytes, spaces, no extension, very long), a DICOMDIR index, and the site
+    directory nested inside the export; two decoding workers give exactly the one-process result."""
+    import os
+
+    from pydicom.data import get_testdata_file
+
+    from vilref_fed.data.ingest import IngestOptions, ingest, quarantine_list
+    from vilref_fed.data.site import init_site
+
+    export = tmp_path / "export"
+    odd = [
+        os.fsdecode(b"caf\xe9 latin-1 name.dcm"),  # not valid UTF-8
+        "no extension",
+        "x" * 200,
+        " leading space and trailing space ",
+        "Ünïcödé 眼底 照片.DCM",
+    ]
+    for i, name in enumerate(odd):
+        write_dicom(export / "odd" / name, "jpeg_ybr422", identity(30 + i, "L"), 64, 30 + i)
+    dicomdir = get_testdata_file("DICOMDIR")
+    if dicomdir:
+        shutil.copy(dicomdir, export / "DICOMDIR")
+    results = {}
+    for workers in (1, 2):
+        site_dir = export / f"nested site {workers}"  # inside the export: must not ingest itself
+        with init_site(site_dir, f"W{workers}") as site:
+            r = ingest(site, IngestOptions(dicom=[export], workers=workers))
+            rows = {(q["reason"], Path(q["path"]).name) for q in quarantine_list(site)}
+        db = sqlite3.connect(site_dir / "site.db")
+        keys = sorted(k for (k,) in db.execute("select image_key from images"))
+        paths = sorted(p for (p,) in db.execute("select path from source_files where outcome='accepted'"))
+        results[workers] = (r.status["accepted"], r.status["quarantined"], keys)
+        assert r.status["accepted"] == len(odd)
+        assert all("nested site" not in p for p in paths)
+        assert any("\ufffd" in p for p in paths)  # undecodable byte shown, not lost
+        if dicomdir:
+            assert ("wrong_modality", "DICOMDIR") in rows
+            assert r.status["quarantined"] == {"wrong_modality": 1}
+    assert results[1] == results[2]
+
+
+PYDICOM_COLOUR_FILES = [
+    # pydicom's test files (secondary captures, modality OT) ...
+    "SC_rgb.dcm", "SC_rgb_2frame.dcm", "SC_rgb_rle_16bit.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+    "SC_rgb_dcmtk_+eb+cy+s2.dcm", "SC_rgb_gdcm_KY.dcm", "SC_ybr_full_422_uncompressed.dcm",
+    "SC_rgb_jpeg_gdcm.dcm", "SC_rgb_jls_lossy_line.dcm",
+    # ... and pydicom-data's colour ultrasound
+    "US1_UNCR.dcm", "US1_J2KR.dcm", "color-px.dcm", "color3d_jpeg_baseline.dcm",
+]  # fmt: skip
+
+
+def test_pydicom_colour_files_table_rows(tmp_path: Path) -> None:
+    """Third-party colour DICOMs through the CLI: ultrasound stays out; secondary captures come in once
+    the site lists their modality, each with the outcome its encoding and the installed decoders allow."""
+    import warnings
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import get_decoder
+
+    dcm = tmp_path / "pydicom files"
+    dcm.mkdir()
+    frames, reasons = 0, {}
+    for name in PYDICOM_COLOUR_FILES:
+        src = get_testdata_file(name)
+        if src is None:
+            continue
+        shutil.copy(src, dcm / name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(src, stop_before_pixels=True)
+        if ds.get("Modality") == "US":
+            reasons[name] = "wrong_modality"
+        elif ds.get("Modality") != "OT":
+            reasons[name] = "wrong_modality"  # no modality: not a fundus photograph even with OT listed
+        elif not get_decoder(ds.file_meta.TransferSyntaxUID).is_available:
+            reasons[name] = "decode_failure"
+        else:
+            frames += int(ds.get("NumberOfFrames", 1) or 1)
+    n_files = len(list(dcm.iterdir()))
+    assert n_files >= 10
+    site = tmp_path / "site"
+    cli("init", "--site-dir", str(site), "--name", "P")
+    out = cli("ingest", "--site-dir", str(site), "--dicom", str(dcm)).stdout
+    assert table_row(out, "accepted") == ["0", "0"]  # modality OT is not a fundus photo by default
+    assert table_row(out, "quarantined: wrong_modality") == [str(n_files)] * 2
+
+    toml = site / "site.toml"
+    toml.write_text(
+        toml.read_text().replace('fundus_modalities = ["OP"]', 'fundus_modalities = ["OP", "OT"]')
+    )
+    shutil.copytree(dcm, tmp_path / "again")  # the originals are recorded as quarantined already
+    out = cli("ingest", "--site-dir", str(site), "--dicom", str(tmp_path / "again")).stdout
+    accepted = int(table_row(out, "accepted")[0])
+    duplicates = int(table_row(out, "duplicates")[0])
+    # pydicom's SC_rgb files are one picture in several encodings (some share a SOP Instance UID):
+    # every decodable frame is a new image or a counted duplicate.
+    assert accepted + duplicates == frames > 5 and accepted >= 2
+    for reason in set(reasons.values()):
+        n = sum(1 for r in reasons.values() if r == reason)
+        assert table_row(out, f"quarantined: {reason}")[0] == str(n), reason
+    listed = json.loads(cli("quarantine", "list", "--site-dir", str(site), "--json").stdout)
+    got = {Path(x["path"]).name: x["reason"] for x in listed if "/again/" in x["path"]}
+    assert got == reasons
+    for png in (site / "images").rglob("*.png"):
+        assert np.asarray(Image.open(png)).shape == (256, 256, 3)

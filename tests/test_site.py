@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import shutil
 import sqlite3
 import stat
 import tomllib
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from dicom_factory import identity, write_dicom
 from sqlalchemy import inspect
 
-from vilref_fed.data.ingest import IngestOptions, ingest, quarantine_list
+from vilref_fed.data.ingest import IngestOptions, ingest
 from vilref_fed.data.site import (
     SiteConfig,
     SiteError,
@@ -184,56 +181,3 @@ def test_site_dataset_items_split_and_policy(tmp_path: Path) -> None:
     loader = torch.utils.data.DataLoader(train, batch_size=8, num_workers=0)
     batch = next(iter(loader))
     assert batch["image"].shape == (8, 3, 32, 32) and len(batch["text"]) == 8
-
-
-def test_pydicom_colour_files_through_ingestion(tmp_path: Path) -> None:
-    """Third-party colour DICOMs: ultrasound stays out; secondary captures come in when the site lists
-    their modality, and each gives the outcome its transfer syntax and decoders allow."""
-    import pydicom
-    from pydicom.data import get_testdata_file
-    from pydicom.pixels import get_decoder
-
-    names = [
-        "SC_rgb.dcm", "SC_rgb_2frame.dcm", "SC_rgb_rle_16bit.dcm", "SC_rgb_jpeg_dcmtk.dcm",
-        "SC_rgb_dcmtk_+eb+cy+s2.dcm", "SC_rgb_gdcm_KY.dcm", "SC_ybr_full_422_uncompressed.dcm",
-        "SC_rgb_jpeg_gdcm.dcm", "US1_UNCR.dcm", "US1_J2KR.dcm", "color-px.dcm",
-    ]  # fmt: skip
-    dcm = tmp_path / "pydicom files"
-    dcm.mkdir()
-    expected_frames, expected_reason = 0, {}
-    for name in names:
-        src = get_testdata_file(name)
-        if src is None:
-            continue
-        shutil.copy(src, dcm / name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(src, stop_before_pixels=True)
-        if ds.Modality == "US":
-            expected_reason[name] = "wrong_modality"
-        elif not get_decoder(ds.file_meta.TransferSyntaxUID).is_available:
-            expected_reason[name] = "decode_failure"
-        else:
-            expected_frames += int(ds.get("NumberOfFrames", 1) or 1)
-    with init_site(tmp_path / "site", "P") as site:
-        r = ingest(site, IngestOptions(dicom=[dcm]))
-        assert r.status["accepted"] == 0  # modality OT: not fundus by default
-        assert r.status["quarantined"] == {"wrong_modality": len(list(dcm.iterdir()))}
-    toml = tmp_path / "site" / "site.toml"
-    toml.write_text(
-        toml.read_text().replace('fundus_modalities = ["OP"]', 'fundus_modalities = ["OP", "OT"]')
-    )
-    # The same files under a new folder (the first run recorded the originals as quarantined).
-    shutil.copytree(dcm, tmp_path / "again")
-    with open_site(tmp_path / "site") as site:
-        r = ingest(site, IngestOptions(dicom=[tmp_path / "again"]))
-        # pydicom's SC_rgb files are one picture in several encodings (some share a SOP Instance UID):
-        # every decodable frame is either a new image or a counted duplicate.
-        assert r.run.accepted + sum(r.run.duplicates.values()) == expected_frames > 5
-        assert r.run.accepted >= 2
-        got = {Path(x["path"]).name: x["reason"] for x in quarantine_list(site) if "/again/" in x["path"]}
-        assert got == expected_reason
-    for png in (tmp_path / "site" / "images").rglob("*.png"):
-        from PIL import Image
-
-        assert np.asarray(Image.open(png)).shape == (256, 256, 3)

@@ -40,7 +40,7 @@ from vilref_fed.data.dicom import (
     inspect_dicom,
 )
 from vilref_fed.data.reports_csv import ReportRow, ReportsCsvError, ReportsFile, read_reports_csv
-from vilref_fed.data.site import LINK_MODES, Site, keyed_hash, patient_split
+from vilref_fed.data.site import LINK_MODES, SECRET_FILE, SITE_TOML, Site, keyed_hash, patient_split
 from vilref_fed.logs import get_logger
 from vilref_fed.store.site_models import (
     Duplicate,
@@ -214,7 +214,8 @@ def site_lock(site: Site) -> Iterator[None]:
 
 
 def discover_files(paths: Iterable[Path], exclude: Path | None = None) -> list[Path]:
-    """Every regular file under `paths`, recursively, in a stable order; any name is fine."""
+    """Every regular file under `paths`, recursively, in a stable order; any name is fine. Site
+    directories (site.toml + secret.key) are skipped: an export folder may hold the site itself."""
     out: list[Path] = []
     seen: set[Path] = set()
     excl = exclude.resolve() if exclude else None
@@ -230,6 +231,9 @@ def discover_files(paths: Iterable[Path], exclude: Path | None = None) -> list[P
             continue
         for root, dirs, files in os.walk(p):
             r = Path(root).resolve()
+            if (r / SITE_TOML).is_file() and (r / SECRET_FILE).is_file():
+                dirs[:] = []  # a vilref site directory (ours or another): never ingest its files
+                continue
             dirs[:] = sorted(d for d in dirs if excl is None or (r / d).resolve() != excl)
             for name in sorted(files):
                 fp = (r / name).resolve()
