@@ -280,3 +280,32 @@ def test_corrupt_trainer_checkpoint_is_refused(tmp_path):
         trainer.load_checkpoint(bad)
     with pytest.raises(ValueError, match="does not exist"):
         trainer.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_gradient_clipping_bounds_the_update():
+    """Plain SGD, lr 1, constant schedule: the whole update is the clipped gradient, norm == grad_clip."""
+    model = build_model("tiny")
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = small_config(
+        optimizer="sgd",
+        sgd_momentum=0.0,
+        lr=1.0,
+        weight_decay=0.0,
+        warmup_steps=0,
+        schedule="constant",
+        grad_clip=0.01,
+        objective="clip",
+    )
+    LocalTrainer(model, cfg).fit(ToyPairs(16), max_steps=1, progress=False)
+    update = torch.sqrt(
+        sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True))
+    )
+    assert update.item() == pytest.approx(0.01, rel=1e-3)
+
+
+def test_progress_bar_and_loader_workers_paths_run(capsys):
+    trainer = LocalTrainer(build_model("tiny"), small_config(num_workers=1, log_every=1))
+    metrics = trainer.fit(ToyPairs(24), max_steps=2, progress=True)
+    assert metrics["steps"] == 2
+    err = capsys.readouterr().err
+    assert "2/2" in err and "samples/s" in err
