@@ -368,6 +368,7 @@ def test_odd_names_dicomdir_nested_site_and_two_workers(tmp_path: Path) -> None:
     ]
     for i, name in enumerate(odd):
         write_dicom(export / "odd" / name, "jpeg_ybr422", identity(30 + i, "L"), 64, 30 + i)
+    (export / "reports in the export.csv").write_text("accession,report\nACCQX000030,Normal fundus.\n")
     dicomdir = get_testdata_file("DICOMDIR")
     if dicomdir:
         shutil.copy(dicomdir, export / "DICOMDIR")
@@ -375,7 +376,8 @@ def test_odd_names_dicomdir_nested_site_and_two_workers(tmp_path: Path) -> None:
     for workers in (1, 2):
         site_dir = export / f"nested site {workers}"  # inside the export: must not ingest itself
         with init_site(site_dir, f"W{workers}") as site:
-            r = ingest(site, IngestOptions(dicom=[export], workers=workers))
+            csv_in_export = export / "reports in the export.csv"  # named as --reports: not a DICOM
+            r = ingest(site, IngestOptions(dicom=[export], reports=[csv_in_export], workers=workers))
             rows = {(q["reason"], Path(q["path"]).name) for q in quarantine_list(site)}
         db = sqlite3.connect(site_dir / "site.db")
         keys = sorted(k for (k,) in db.execute("select image_key from images"))
@@ -384,9 +386,12 @@ def test_odd_names_dicomdir_nested_site_and_two_workers(tmp_path: Path) -> None:
         assert r.status["accepted"] == len(odd)
         assert all("nested site" not in p for p in paths)
         assert any("\ufffd" in p for p in paths)  # undecodable byte shown, not lost
+        assert r.status["reports_linked"] == 1
         if dicomdir:
             assert ("wrong_modality", "DICOMDIR") in rows
             assert r.status["quarantined"] == {"wrong_modality": 1}
+        else:
+            assert r.status["quarantined"] == {}
     assert results[1] == results[2]
 
 

@@ -181,10 +181,17 @@ def _short(exc: BaseException, limit: int = 240) -> str:
     return msg if len(msg) <= limit else msg[: limit - 1] + "…"
 
 
-def _has_dicm_preamble(path: Path) -> bool:
+def _sniff(path: Path) -> str:
+    """'preamble' (standard Part 10 file), 'raw' (a dataset without preamble: it starts with a group
+    0002 or 0008 element, little or big endian) or 'other'. Only the first two are parsed, so a
+    large non-DICOM file in an export is never fed to pydicom's forgiving parser."""
     with open(path, "rb") as f:
         head = f.read(132)
-    return len(head) == 132 and head[128:132] == b"DICM"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "preamble"
+    if len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08"):
+        return "raw"
+    return "other"
 
 
 def _truncation(ds: Dataset, file_size: int, eof_warned: bool) -> str | None:
@@ -306,11 +313,14 @@ def _inspect(path: str | os.PathLike[str], limits: ReadLimits, rule: FundusRule)
     p = Path(path)
     try:
         file_size = p.stat().st_size
-        preamble = _has_dicm_preamble(p)
+        kind = _sniff(p)
     except OSError as exc:
         return Rejection("not_dicom", f"cannot read the file: {exc.strerror or _short(exc)}")
     if file_size == 0:
         return Rejection("not_dicom", "empty file")
+    if kind == "other":
+        return Rejection("not_dicom", "no DICOM header ('DICM' marker) found")
+    preamble = kind == "preamble"
 
     eof_warned = False
     try:

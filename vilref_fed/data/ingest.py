@@ -758,6 +758,8 @@ def ingest(site: Site, options: IngestOptions, progress: ProgressSink | None = N
         raise IngestError("nothing to ingest: give --dicom PATH and/or --reports REPORTS.csv")
     parsed = _parse_reports(options.reports, encoding, link_by)  # fail fast, before any write
     files = discover_files(options.dicom, exclude=site.root) if options.dicom else []
+    report_files = {Path(p).resolve() for p in options.reports}
+    files = [f for f in files if f not in report_files]  # a CSV inside the export folder is not a DICOM
     counts = RunCounts(files_found=len(files))
     with site_lock(site):
         with site.session() as s, s.begin():
