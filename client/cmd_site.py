@@ -213,7 +213,7 @@ def ingest(
     dicom: list[Path] = typer.Option(
         None, "--dicom", help="DICOM file or folder (walked recursively). Repeat, or list several after it."
     ),
-    more: list[Path] = typer.Argument(None, help="More DICOM files or folders.", show_default=False),
+    more: list[Path] = typer.Argument(None, metavar="[PATH]...", help="More DICOM files or folders."),
     reports: list[Path] = typer.Option(None, "--reports", help="Report CSV file. Repeat for several."),
     link: str = typer.Option(
         None, "--link", help="Link reports by 'accession' or 'study' (default: site.toml)."
@@ -225,7 +225,11 @@ def ingest(
     as_json: bool = typer.Option(False, "--json", help="Print the run and site summary as JSON."),
     commit_every: int = typer.Option(32, "--commit-every", min=1, hidden=True, help="Files per transaction."),
 ) -> None:
-    """Ingest DICOM exports and report CSVs into the site: idempotent, resumable, de-identified."""
+    """Ingest DICOM exports and report CSVs into the site: idempotent, resumable, de-identified.
+
+    Several DICOM paths may follow one --dicom (`--dicom A B C`). Run it again after an interruption:
+    finished files are skipped and nothing is counted twice.
+    """
     from sqlalchemy.exc import SQLAlchemyError
 
     from vilref_fed.data.ingest import IngestError, IngestOptions, list_problems

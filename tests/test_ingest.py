@@ -460,3 +460,12 @@ def test_pydicom_colour_files_table_rows(tmp_path: Path) -> None:
     assert got == reasons
     for png in (site / "images").rglob("*.png"):
         assert np.asarray(Image.open(png)).shape == (256, 256, 3)
+
+
+def test_several_paths_after_one_dicom_option(tmp_path: Path) -> None:
+    a = write_dicom(tmp_path / "a" / "1.dcm", "rle", identity(80, "L"), 64, 80)
+    b = write_dicom(tmp_path / "b" / "2.dcm", "rle", identity(81, "R"), 64, 81)
+    site = tmp_path / "site"
+    cli("init", "--site-dir", str(site), "--name", "Two folders")
+    out = cli("ingest", "--site-dir", str(site), "--dicom", str(a.parent), str(b)).stdout
+    assert table_row(out, "accepted") == ["2", "2"]
