@@ -354,3 +354,23 @@ def test_hedge_does_not_reach_a_stated_cause_or_a_new_statement(x):
         {"macular_hole"},
     )
     assert states(x, "No DR，无黄斑水肿，cataract 轻度。")[0] == {"media_opacity"}
+
+
+def test_eye_asides_between_commas(x):
+    assert states(x, "There is no sign, in either eye, of diabetic retinopathy.")[2] == {
+        "diabetic_retinopathy"
+    }
+    text = "Drusen, left eye, haemorrhages, right eye."
+    assert states(x, text, "OS")[0] == {"age_related_macular_degeneration"}
+    assert states(x, text, "OD")[0] == {"diabetic_retinopathy"}
+
+
+def test_change_statements_and_contrasts(x):
+    assert states(x, "No change in the known BRVO.")[0] == {"retinal_vein_occlusion"}
+    assert states(x, "No progression of diabetic retinopathy.")[0] == {"diabetic_retinopathy"}
+    assert states(x, "Glaucoma was not confirmed.")[2] == {"glaucoma"}
+    assert states(x, "Diabetic retinopathy rather than hypertensive retinopathy.")[:3:2] == (
+        {"diabetic_retinopathy"},
+        {"hypertensive_retinopathy"},
+    )
+    assert states(x, "左眼视网膜脱离复位良好。") == (set(), set(), set())

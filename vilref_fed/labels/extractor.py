@@ -57,7 +57,7 @@ _TAIL_FILLER = re.compile(
     r"|等|改变|表现|处|区|部)*"
 )
 _FILLER = re.compile(
-    r"(?:\s+|(?:or|and|nor|any|either|other|also|some|the|a|an|further|more)(?![a-z0-9])"
+    r"(?:\s+|(?:or|and|nor|any|either|other|also|some|the|a|an|of|further|more)(?![a-z0-9])"
     r"|或者|或|以及|及|和|与|、|明显的?|其他|任何|/|&)*"
 )
 _NORMAL_CONTEXT = re.compile(
@@ -344,6 +344,22 @@ class LabelExtractor:
         return _TAIL_FILLER.fullmatch(low, pos, max(pos, seg.end)) is not None, backward
 
     @staticmethod
+    def _eye_aside(seg: _Seg, low: str) -> bool:
+        """A segment that only names an eye ("left eye", "in either eye", "（右眼）")."""
+        pos = seg.start
+        has_eye = False
+        for tok in seg.toks:
+            kind = tok[2]
+            if kind == EYE:
+                has_eye = True
+            elif kind != CONNECT:
+                return False
+            if not _TAIL_FILLER.fullmatch(low, pos, tok[0]):
+                return False
+            pos = tok[1]
+        return has_eye and _TAIL_FILLER.fullmatch(low, pos, max(pos, seg.end)) is not None
+
+    @staticmethod
     def _normal_alone(seg: _Seg, tok: tuple, low: str) -> bool:
         """'normal' is a finding only when nothing else in its segment says *what* is normal."""
         pos = seg.start
@@ -376,8 +392,26 @@ class LabelExtractor:
             open_m: list[list] = []
             clause_recs: list[list] = []
             last_end = -1  # end of the last finding, for adjacent history cues ("RD repair")
+            since = 0  # clause_recs[since:] are the findings since the last "..., left eye," aside
+            n_segs = len(clause)
             for si, seg in enumerate(clause):
                 stoks = seg.toks
+                # "..., left eye." / "no sign, in either eye, of DR": an eye aside between commas (not a
+                # heading followed by a colon) says which eye the findings before it are in, and
+                # leaves any cue scope running.
+                if (
+                    si
+                    and stoks
+                    and (si == n_segs - 1 or clause[si + 1].sep != COLON)
+                    and self._eye_aside(seg, low)
+                ):
+                    aside = {t[3] for t in stoks if t[2] == EYE}
+                    aside_eye = aside.pop() if len(aside) == 1 else "OU"
+                    for rec in clause_recs[since:]:
+                        if not rec[4]:
+                            rec[2] = aside_eye
+                    since = len(clause_recs)
+                    continue
                 if si and (active or open_m):
                     forward, backward = self._continues_list(seg, low) if stoks else (False, False)
                     if not forward:
@@ -385,14 +419,6 @@ class LabelExtractor:
                     if not backward and seg.sep != COLON:
                         open_m = []
                 if not stoks:
-                    continue
-                # "..., left eye." closing the clause: the eye of what came before in the clause
-                if si and si == len(clause) - 1 and all(t[2] == EYE or t[2] == CONNECT for t in stoks):
-                    trailing = {t[3] for t in stoks if t[2] == EYE}
-                    trailing_eye = trailing.pop() if len(trailing) == 1 else "OU"
-                    for rec in clause_recs:
-                        if not rec[4]:
-                            rec[2] = trailing_eye
                     continue
                 # eyes: a marker before any finding/cue opens a section; a later one is local
                 eye = section_eye

@@ -40,7 +40,9 @@ NEGATION: dict[str, int] = {
     "否认": PRE, "排除": BOTH, "除外": BOTH, "已排除": POST, "未见到": PRE, "未查见": PRE, "无明显": PRE,
     "无明确": PRE, "未探及": PRE, "未及": PRE, "不伴": PRE, "不伴有": PRE, "并无": PRE, "未出现": PRE,
     "阴性": POST, "消失": POST, "消退": POST, "不明显": POST, "依据不足": POST, "证据不足": POST,
-    "不支持": PRE,
+    "不支持": PRE, "未证实": POST, "未确诊": POST,
+    # English, continued
+    "not confirmed": POST, "rather than": PRE, "instead of": PRE,
 }
 
 HEDGES: dict[str, int] = {
@@ -73,7 +75,8 @@ HISTORY: dict[str, int] = {
     "treated previously": POST,
     # Chinese
     "既往": PRE, "曾患": PRE, "曾行": PRE, "曾有": PRE, "曾": PRE, "既往史": PRE, "病史": BOTH, "史": POST,
-    "术后": POST, "手术后": POST, "修复术后": POST,
+    "术后": POST, "手术后": POST, "修复术后": POST, "复位": POST, "复位良好": POST, "已复位": POST,
+    "reattached": POST, "repaired successfully": POST,
 }
 
 PLANS: dict[str, int] = {
@@ -101,6 +104,10 @@ AFFIRMATIONS: tuple[str, ...] = (
     "showing", "shown", "demonstrates", "demonstrated", "reveals", "revealed", "with", "has", "have",
     "there is", "there are", "consistent with", "in keeping with", "compatible with", "confirmed", "found",
     "secondary to", "due to", "caused by", "associated with", "继发于", "所致",
+    # a statement about change, not about absence: "no change in the known BRVO"
+    "no change", "no change in", "no interval change", "no progression", "no progression of",
+    "no worsening", "no worsening of", "unchanged", "stable", "无变化", "无明显变化", "较前无变化",
+    "未见明显变化", "未见变化",
     "可见", "见", "有", "伴", "伴有", "呈", "示", "存在", "显示", "提示", "合并", "出现", "明确",
 )
 
