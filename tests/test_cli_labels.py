@@ -256,3 +256,24 @@ def test_console_script_with_binary_input_exits_2_without_traceback(tmp_path, pa
     assert "Traceback" not in proc.stderr + proc.stdout
     assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1
     assert "UTF-8" in proc.stderr or "missing column" in proc.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_write_failure_is_a_one_line_error(tmp_path, monkeypatch):
+    """A full disk while writing: one line, exit 2, and no temporary file left behind."""
+    from vilref_fed.labels import get_extractor
+    from vilref_fed.labels.batch import ReportsFileError, extract_file
+
+    src = write_csv(tmp_path / "r.csv", [{"report_id": str(i), "report": "drusen"} for i in range(50000)])
+    out = tmp_path / "o.jsonl"
+    real_fdopen = os.fdopen
+
+    def full_disk(fd, *args, **kwargs):  # the real /dev/full device behind the temporary file's name
+        os.close(fd)
+        return real_fdopen(os.open("/dev/full", os.O_WRONLY), *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", full_disk)
+    with pytest.raises(ReportsFileError, match="failed"):
+        extract_file(src, out, get_extractor())
+    monkeypatch.undo()
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]

@@ -183,6 +183,15 @@ def extract_file(
                 if progress is not None and summary.rows % 2048 == 0:
                     progress(pos, summary.rows)
         os.replace(tmp, out_path)
+    except ReportsFileError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except OSError as exc:  # disk full, file vanished, permission changed mid-run
+        tmp.unlink(missing_ok=True)
+        raise ReportsFileError(
+            f"reading {csv_path.name} or writing {out_path} failed ({exc.strerror or exc}); "
+            f"{out_path} was left as it was"
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
