@@ -41,7 +41,12 @@ def register(app: typer.Typer) -> None:
             None, "--progress/--no-progress", help="Show a progress bar (default: for files over 256 KiB)."
         ),
     ) -> None:
-        """Extract labels from REPORTS.csv into OUT.jsonl: report_id, positive, uncertain, negated."""
+        """Extract labels from REPORTS.csv into OUT.jsonl: report_id, positive, uncertain, negated.
+
+        REPORTS is a UTF-8 CSV with a header holding report_id and report (and optionally eye). Each
+        input row gives one JSON line, in order; an empty report gives empty lists. Bad input stops
+        with a one-line error (exit code 2) and leaves OUT as it was.
+        """
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
         from vilref_fed.labels import LabelExtractor, get_extractor
