@@ -6,7 +6,7 @@ both alike and the ratio is what we report. Inside the WSCL step every loss/queu
 its own (perf_counter, with a device sync on CUDA); the backward through the loss graph, which is
 fused into the step's single backward, is measured on detached features of the same batch.
 
-    .venv/bin/python bench/step.py --model small --batch 32 --queue 4096 --repeats 12
+    .venv/bin/python bench/step.py --model small --batch 32 --queue 4096 --repeats 8 --threads 1
 
 Prints JSON and writes bench/results/step.json (keys: clip_samples_per_s, wscl_samples_per_s,
 step_ratio = WSCL step time / CLIP step time, loss_queue_share = loss + queue code / WSCL step).
@@ -52,9 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="small", help="model config name (tiny, small, vilref-rn50, ...)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--queue", type=int, default=4096, help="queue size K (DESIGN default 4096)")
-    parser.add_argument("--repeats", type=int, default=12, help="timed steps of each kind (interleaved)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=8, help="timed steps of each kind (interleaved)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (1 is the least disturbed by a shared machine)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "step.json")
@@ -86,21 +88,33 @@ def make_batch(model, batch: int, device: torch.device, gen: torch.Generator) ->
 
 
 class Stopwatch:
-    """perf_counter with a device sync, accumulating named sections of one step."""
+    """Wall and process-CPU clocks (with a device sync on CUDA), accumulating named sections of a step.
+
+    On a shared CPU machine the wall clock mostly measures the other jobs; the process CPU time of a
+    single-threaded torch run is what the step itself costs, so on CPU the ratios use it.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.sections: dict[str, float] = {}
+        self.sections: dict[str, tuple[float, float]] = {}
 
-    def now(self) -> float:
+    def now(self) -> tuple[float, float]:
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        return time.perf_counter(), time.process_time()
+
+    @staticmethod
+    def since(start: tuple[float, float], end: tuple[float, float]) -> tuple[float, float]:
+        return end[0] - start[0], end[1] - start[1]
+
+    def add(self, name: str, spent: tuple[float, float]) -> None:
+        wall, cpu = self.sections.get(name, (0.0, 0.0))
+        self.sections[name] = (wall + spent[0], cpu + spent[1])
 
     def timed(self, name: str, fn: Callable, *args, **kwargs):
         start = self.now()
         result = fn(*args, **kwargs)
-        self.sections[name] = self.sections.get(name, 0.0) + self.now() - start
+        self.add(name, self.since(start, self.now()))
         return result
 
 
@@ -157,32 +171,41 @@ def main(argv: list[str] | None = None) -> dict:
         loss = wscl(image, text, scale, labels, **queue)["loss"]
         start = watch.now()
         loss.backward()
-        watch.sections["wscl_backward"] = watch.now() - start
+        watch.add("wscl_backward", watch.since(start, watch.now()))
 
     for _ in range(args.warmup):
         clip_step(Stopwatch(device))
         wscl_step(Stopwatch(device))
 
-    clip_times: list[float] = []
-    wscl_times: list[float] = []
-    sections: dict[str, list[float]] = {}
+    clock = 0 if device.type == "cuda" else 1  # index into (wall, cpu): see Stopwatch
+    times: dict[str, list[tuple[float, float]]] = {"clip": [], "wscl": []}
+    sections: dict[str, list[tuple[float, float]]] = {}
     for repeat in range(args.repeats):
         order = ("clip", "wscl") if repeat % 2 == 0 else ("wscl", "clip")
         for kind in order:
             watch = Stopwatch(device)
             start = watch.now()
             (clip_step if kind == "clip" else wscl_step)(watch)
-            elapsed = watch.now() - start
-            (clip_times if kind == "clip" else wscl_times).append(elapsed)
+            spent = watch.since(start, watch.now())
+            times[kind].append(spent)
+            print(
+                f"repeat {repeat + 1}/{args.repeats} {kind}: wall {spent[0]:.3f} s, cpu {spent[1]:.3f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             if kind == "wscl":
                 wscl_loss_backward(watch)
                 for name, value in watch.sections.items():
                     sections.setdefault(name, []).append(value)
 
-    clip_s = statistics.median(clip_times)
-    wscl_s = statistics.median(wscl_times)
-    median = {name: statistics.median(values) for name, values in sections.items()}
+    def med(values: list[tuple[float, float]], which: int) -> float:
+        return statistics.median(v[which] for v in values)
+
+    clip_s = med(times["clip"], clock)
+    wscl_s = med(times["wscl"], clock)
+    median = {name: med(values, clock) for name, values in sections.items()}
     loss_queue = median["queue_kwargs"] + median["wscl_forward"] + median["wscl_backward"] + median["enqueue"]
+    wall_clip, wall_wscl = med(times["clip"], 0), med(times["wscl"], 0)
     result = {
         "clip_samples_per_s": round(args.batch / clip_s, 3),
         "wscl_samples_per_s": round(args.batch / wscl_s, 3),
@@ -192,6 +215,12 @@ def main(argv: list[str] | None = None) -> dict:
         "wscl_step_ms": round(1000 * wscl_s, 2),
         "sections_ms": {name: round(1000 * value, 3) for name, value in sorted(median.items())},
         "momentum_share": round((median["momentum_update"] + median["momentum_encode"]) / wscl_s, 4),
+        "clock": "wall (CUDA-synchronised)" if clock == 0 else "process CPU time",
+        "wall": {
+            "clip_samples_per_s": round(args.batch / wall_clip, 3),
+            "wscl_samples_per_s": round(args.batch / wall_wscl, 3),
+            "step_ratio": round(wall_wscl / wall_clip, 4),
+        },
         "settings": {
             "model": args.model,
             "batch": args.batch,
