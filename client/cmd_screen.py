@@ -133,6 +133,11 @@ def thresholds(
     target_sensitivity: float = typer.Option(
         0.9, "--target-sensitivity", help="Sensitivity each label's threshold must reach."
     ),
+    min_auc: float = typer.Option(
+        0.6,
+        "--min-auc",
+        help="Labels whose validation AUC is below this are not flagged (scores still shown).",
+    ),
     lang: str = typer.Option(None, "--lang", help="Prompt language en|zh (default: the model's)."),
     out: Path = typer.Option(
         None, "--out", "-o", help="Write the calibrated model here (default: update --model in place)."
@@ -147,23 +152,26 @@ def thresholds(
         fail("--target-sensitivity must be in (0, 1], e.g. 0.9")
     try:
         points, path = calibrate_model_file(
-            model, out or model, target_sensitivity, site_dir=site_dir, data_dir=data, split=split, lang=lang
+            model,
+            out or model,
+            target_sensitivity,
+            site_dir=site_dir,
+            data_dir=data,
+            split=split,
+            lang=lang,
+            min_auc=min_auc,
         )
     except ThresholdError as exc:
         fail(str(exc))
     from rich.table import Table
 
     t = Table(title=f"Operating points (target sensitivity {target_sensitivity:.2f})")
-    for col in ("label", "threshold", "sensitivity", "specificity", "positives"):
+    for col in ("label", "threshold", "sensitivity", "specificity", "AUC", "positives", "flagged"):
         t.add_column(col)
     for p in points.values():
-        t.add_row(
-            p.label_id,
-            f"{p.threshold:.4f}",
-            f"{p.sensitivity:.3f}",
-            f"{p.specificity:.3f}",
-            str(p.n_positive),
-        )
+        flagged = "no: AUC too low" if p.auc < min_auc else "yes"
+        cells = (f"{p.threshold:.4f}", f"{p.sensitivity:.3f}", f"{p.specificity:.3f}", f"{p.auc:.3f}")
+        t.add_row(p.label_id, *cells, str(p.n_positive), flagged)
     console.print(t)
     console.print(f"stored in {path}")
 

@@ -72,3 +72,27 @@ def test_parse_and_resolve_thresholds_precedence():
     for bad, msg in (("glaucom=0.2", "unknown label"), ("abc", "not a number"), ("1.5", "between 0 and 1")):
         with pytest.raises(ValueError, match=msg):
             parse_threshold_options([bad], labels)
+
+
+def test_operating_points_carry_the_validation_auc():
+    rng = np.random.default_rng(5)
+    y = rng.random((200, 2)) < 0.3
+    s = np.where(y, rng.normal(1.0, 1.0, y.shape), rng.normal(0.0, 1.0, y.shape))
+    s[:, 1] = rng.random(200)  # no skill at all
+    pts = operating_points(y, s, ["good", "chance"], 0.8)
+    pos, neg = s[y[:, 0], 0], s[~y[:, 0], 0]
+    reference = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert pts["good"].auc == pytest.approx(reference)
+    assert pts["good"].auc > 0.7 and abs(pts["chance"].auc - 0.5) < 0.12
+
+
+def test_unreliable_labels_are_never_flagged_unless_the_command_line_says_so():
+    labels = ["glaucoma", "laser_scars"]
+    t, src = resolve_thresholds(
+        labels, {"glaucoma": 0.4, "laser_scars": 0.2}, unreliable={"laser_scars": 0.41}
+    )
+    assert t == {"glaucoma": 0.4, "laser_scars": None} and src["laser_scars"] == "unreliable"
+    t, src = resolve_thresholds(labels, {}, None, {"laser_scars": 0.7}, unreliable={"laser_scars": 0.41})
+    assert t["laser_scars"] == 0.7 and src["laser_scars"] == "cli-label"
+    t, src = resolve_thresholds(labels, {}, 0.3, {}, unreliable={"laser_scars": 0.41})
+    assert t == {"glaucoma": 0.3, "laser_scars": 0.3}

@@ -163,11 +163,12 @@ def build_report_html(
     n_images = max(int(counts.get("images_screened", 0)), 1)
     for label in label_ids:
         info = per_label.get(label, {})
+        source = _source_text(sources.get(label, ""), summary.get("unreliable_labels", {}).get(label))
         flagged = int(info.get("flagged", 0))
         add(
             f"<tr><td>{_esc(label_names.get(label, label))}</td>"
-            f"<td class='num'>{float(thresholds.get(label, float('nan'))):.3f}</td>"
-            f"<td>{_esc(_source_text(sources.get(label, '')))}</td>"
+            f"<td class='num'>{_threshold_text(thresholds.get(label))}</td>"
+            f"<td>{_esc(source)}</td>"
             f"<td class='num'>{flagged}</td><td class='num'>{100.0 * flagged / n_images:.1f}</td>"
             f"<td class='num'>{float(info.get('mean_score', 0.0)):.3f}</td></tr>"
         )
@@ -222,7 +223,14 @@ def build_report_html(
     return "\n".join(parts)
 
 
-def _source_text(source: str) -> str:
+def _threshold_text(value: float | None) -> str:
+    return "&mdash;" if value is None else f"{float(value):.3f}"
+
+
+def _source_text(source: str, auc: float | None = None) -> str:
+    if source == "unreliable":
+        shown = "?" if auc is None else f"{auc:.2f}"
+        return f"not flagged: validation AUC {shown} too low"
     return {
         "model": "validated operating point (model)",
         "cli": "command line (all findings)",

@@ -317,19 +317,28 @@ def score_batch(model, images, classifier):
     return zeroshot_scores(model, images, classifier)
 
 
-def flag_images(images: list[ScreenedImage], label_ids: Sequence[str], thresholds: dict[str, float]) -> None:
+def flag_images(
+    images: list[ScreenedImage], label_ids: Sequence[str], thresholds: dict[str, float | None]
+) -> None:
     """Flag labels at or above their threshold and compute each image's sort key.
 
     `normal` is scored and reported but never "flagged": it is the absence of findings, and a screen
-    ranks what needs a clinician. abnormality = the largest (score - threshold) over the other labels,
-    so it is positive exactly when something is flagged and orders images by how clearly they are.
+    ranks what needs a clinician; nor is a label whose threshold is None (found unreliable on the
+    validation split). abnormality = the largest (score - threshold) over the flaggable labels, so it is
+    positive exactly when something is flagged and orders images by how clearly they are. With no
+    flaggable label it is (highest finding score - 1): never positive, still a sensible order.
     """
-    t = np.array([thresholds[label] for label in label_ids], dtype=np.float64)
+    t = np.array([np.nan if thresholds[x] is None else thresholds[x] for x in label_ids], dtype=np.float64)
     disease = np.array([label != NORMAL_LABEL for label in label_ids])
+    flaggable = disease & ~np.isnan(t)
     for img in images:
-        margin = img.scores.astype(np.float64) - t
-        img.flagged = [label for label, m, d in zip(label_ids, margin, disease, strict=True) if d and m >= 0]
-        img.abnormality = float(margin[disease].max()) if disease.any() else 0.0
+        scores = img.scores.astype(np.float64)
+        margin = scores - t
+        img.flagged = [x for x, m, ok in zip(label_ids, margin, flaggable, strict=True) if ok and m >= 0]
+        if flaggable.any():
+            img.abnormality = float(margin[flaggable].max())
+        else:
+            img.abnormality = float(scores[disease].max()) - 1.0 if disease.any() else -1.0
 
 
 def sort_images(images: list[ScreenedImage]) -> list[ScreenedImage]:
@@ -358,7 +367,10 @@ def run_screening(model, meta: dict[str, Any], options: ScreenOptions, console=N
         global_t, per_label_t = parse_threshold_options(list(options.thresholds), label_ids)
     except ValueError as exc:
         raise ScreeningError(str(exc)) from None
-    thresholds, sources = resolve_thresholds(label_ids, meta.get("thresholds"), global_t, per_label_t)
+    unreliable = dict(meta.get("unreliable_labels") or {})
+    thresholds, sources = resolve_thresholds(
+        label_ids, meta.get("thresholds"), global_t, per_label_t, unreliable=unreliable
+    )
     lang = options.lang or meta.get("prompt_language") or "en"
     if lang not in ("en", "zh"):
         raise ScreeningError(f"prompt language {lang!r} is not available; use en or zh")
@@ -599,7 +611,7 @@ def build_summary(
     rejected: Sequence[RejectedFile],
     files: Sequence[Path],
     label_ids: Sequence[str],
-    thresholds: dict[str, float],
+    thresholds: dict[str, float | None],
     sources: dict[str, str],
     lang: str,
     meta: dict[str, Any],
@@ -646,7 +658,8 @@ def build_summary(
         "ontology": {"version": ontology.version, "hash": ontology.hash},
         "language": lang,
         "labels": list(label_ids),
-        "thresholds": {k: float(v) for k, v in thresholds.items()},
+        "thresholds": {k: (None if v is None else float(v)) for k, v in thresholds.items()},
+        "unreliable_labels": {k: float(v) for k, v in (meta.get("unreliable_labels") or {}).items()},
         "threshold_sources": dict(sources),
         "device": device,
         "batch_size": int(batch_size),

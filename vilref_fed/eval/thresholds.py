@@ -7,18 +7,23 @@ calibrated and differ in scale between labels, so one global 0.5 would miss some
 flood others; per-label points fix that. They travel inside the model checkpoint (`meta["thresholds"]`)
 so every site screens with the operating points the model was validated at, and the command line can
 still override them (a clinic may want higher sensitivity for one finding).
+
+A label whose validation AUC stays below `min_auc` is not flagged at all ("unreliable"): forcing it to
+a target sensitivity would flag most images and bury the findings the model does recognise. Its
+scores are still reported, and a command-line threshold re-enables it on purpose.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_TARGET_SENSITIVITY = 0.9
+DEFAULT_MIN_AUC = 0.6
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class OperatingPoint:
     specificity: float
     n_positive: int
     n_negative: int
+    auc: float = float("nan")
 
     def to_json_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +78,8 @@ def operating_points(
         raise ValueError(
             f"expected y_true and scores of shape [N, {len(label_ids)}], got {y.shape} and {s.shape}"
         )
+    from vilref_fed.eval.metrics import roc_auc
+
     points: dict[str, OperatingPoint] = {}
     for c, label in enumerate(label_ids):
         yc = y[:, c].astype(bool)
@@ -82,7 +90,8 @@ def operating_points(
         n_pos, n_neg = int(yc.sum()), int((~yc).sum())
         sens = float((flagged & yc).sum() / n_pos)
         spec = float((~flagged & ~yc).sum() / n_neg) if n_neg else float("nan")
-        points[label] = OperatingPoint(label, t, sens, spec, n_pos, n_neg)
+        auc = roc_auc(yc, s[:, c]) if n_neg else float("nan")
+        points[label] = OperatingPoint(label, t, sens, spec, n_pos, n_neg, float(auc))
     return points
 
 
@@ -127,21 +136,26 @@ def resolve_thresholds(
     global_override: float | None = None,
     per_label_override: Mapping[str, float] | None = None,
     default: float = DEFAULT_THRESHOLD,
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Threshold per label and where it came from ("cli-label" > "cli" > "model" > "default").
+    unreliable: Iterable[str] = (),
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Threshold per label and where it came from: "cli-label" > "cli" > "unreliable" > "model" > "default".
 
-    The source is reported in the screening summary, so a reader knows whether a flag came from a
-    validated operating point or from the untuned default.
+    None means "never flagged" (a label the validation found unreliable). The source is reported in
+    the screening summary, so a reader knows whether a flag came from a validated operating point or
+    from the untuned default.
     """
     stored = dict(stored or {})
     per_label_override = dict(per_label_override or {})
-    thresholds: dict[str, float] = {}
+    unreliable = set(unreliable)
+    thresholds: dict[str, float | None] = {}
     sources: dict[str, str] = {}
     for label in label_ids:
         if label in per_label_override:
             thresholds[label], sources[label] = float(per_label_override[label]), "cli-label"
         elif global_override is not None:
             thresholds[label], sources[label] = float(global_override), "cli"
+        elif label in unreliable:
+            thresholds[label], sources[label] = None, "unreliable"
         elif label in stored and stored[label] is not None:
             thresholds[label], sources[label] = float(stored[label]), "model"
         else:
@@ -154,22 +168,33 @@ class ThresholdError(ValueError):
 
 
 def validation_scores(model, dataset, label_ids: Sequence[str], lang: str, batch_size: int = 64):
-    """(truth [N, C], scores [N, C]) of a labelled split, scored exactly as screening scores images."""
+    """(truth [N, C] bool, scores [N, C]) of a labelled split, scored exactly as screening scores images.
+
+    Uses the image-level "truth" of an item when the dataset has it (synthetic hospitals), else its
+    report-derived "labels" (a site's validation split); columns follow the dataset's `label_ids`
+    (the ontology order when it has none).
+    """
     import torch
 
     from vilref_fed.eval import build_zeroshot_classifier, zeroshot_scores
     from vilref_fed.ontology import load_ontology
 
     ontology = load_ontology()
-    columns = [ontology.index(label) for label in label_ids]
+    item_labels = list(getattr(dataset, "label_ids", None) or ontology.label_ids)
+    missing = [label for label in label_ids if label not in item_labels]
+    if missing:
+        raise ThresholdError(f"the validation data has no column for {', '.join(missing)}")
+    columns = [item_labels.index(label) for label in label_ids]
     model.eval()
+    device = next(model.parameters()).device
     with torch.inference_mode():
         classifier = build_zeroshot_classifier(model, ontology, list(label_ids), lang=lang)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
         truth, scores = [], []
         for batch in loader:
-            scores.append(zeroshot_scores(model, batch["image"], classifier).float().cpu().numpy())
-            truth.append(batch["labels"][:, columns].numpy())
+            scores.append(zeroshot_scores(model, batch["image"].to(device), classifier).float().cpu().numpy())
+            target = batch["truth"] if "truth" in batch else batch["labels"]
+            truth.append(target[:, columns].numpy())
     if not scores:
         raise ThresholdError("the validation split is empty; ingest more data or use another --split")
     return np.concatenate(truth) > 0.5, np.concatenate(scores)
@@ -183,11 +208,14 @@ def calibrate_model_file(
     data_dir=None,
     split: str = "val",
     lang: str | None = None,
+    min_auc: float = DEFAULT_MIN_AUC,
 ):
-    """Operating points on a site's (or synthetic folder's) split, stored in the model's meta["thresholds"].
+    """Operating points on a site's (or synthetic folder's) split, stored in the model file's meta:
+    meta["thresholds"] {label: t} for labels with validation AUC >= min_auc, meta["unreliable_labels"]
+    {label: auc} for the others (never flagged), meta["thresholds_info"] how they were obtained.
 
-    Returns (points, written path). The meta also records how they were obtained, so a reader of the
-    model file knows the target sensitivity and the size of the split behind each point.
+    Returns (points, written path). Labels without a validation positive get neither (screening uses
+    the default threshold for them and says it is not validated). Replaces any earlier calibration.
     """
     from pathlib import Path
 
@@ -208,12 +236,12 @@ def calibrate_model_file(
                 Path(site_dir), split=split, image_size=cfg.image_size, mean=cfg.image_mean, std=cfg.image_std
             )
         else:
-            from vilref_fed.data.synthetic import FolderPairDataset
+            from vilref_fed.data.folder_dataset import FolderPairDataset
 
             dataset = FolderPairDataset(
                 Path(data_dir), cfg.image_size, cfg.image_mean, cfg.image_std, split=split
             )
-    except (ValueError, OSError, KeyError) as exc:
+    except Exception as exc:  # SiteError, missing files, bad split: all mean the same to the user
         raise ThresholdError(f"cannot open the validation split: {exc}") from None
     label_ids = list(load_ontology().label_ids)
     truth, scores = validation_scores(model, dataset, label_ids, lang)
@@ -222,11 +250,12 @@ def calibrate_model_file(
         raise ThresholdError(
             "no label has a positive case in this split; calibrate on a larger labelled split"
         )
-    stored = dict(meta.get("thresholds") or {})
-    stored.update({label: p.threshold for label, p in points.items()})
-    meta["thresholds"] = stored
+    # NaN AUC (no negative in the split) cannot show a lack of skill: such a label keeps its point.
+    meta["thresholds"] = {label: p.threshold for label, p in points.items() if not p.auc < min_auc}
+    meta["unreliable_labels"] = {label: p.auc for label, p in points.items() if p.auc < min_auc}
     meta["thresholds_info"] = {
         "target_sensitivity": float(target_sensitivity),
+        "min_auc": float(min_auc),
         "split": split,
         "language": lang,
         "n_images": int(truth.shape[0]),
