@@ -43,9 +43,11 @@ def join(
     """
     from client.site_state import node_key_dir
     from client.supernode import JoinError, SuperNodeSpec, run_supernode_forever
+    from server.processes import exit_with_parent
     from server.superlink import https_ready
     from vilref_fed.data.site import SiteError, open_site
     from vilref_fed.security import PKIError, certificate_info, ensure_node_key
+    from vilref_fed.security.expiry import CA_REMEDY, CertificateCheck, expiry_warnings
 
     site_dir = site_dir.expanduser().resolve()
     try:
@@ -73,6 +75,8 @@ def join(
     ca = ca.expanduser().resolve()
     try:
         info = certificate_info(ca)
+        for warning in expiry_warnings([CertificateCheck("consortium CA certificate", ca, CA_REMEDY)]):
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     except PKIError as err:
         fail(str(err))
     if not https_ready(server, ca):
@@ -85,6 +89,7 @@ def join(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    exit_with_parent()
     spec = SuperNodeSpec(site_dir, server, ca, key.private_path, port)
     log_path = site_dir / "logs" / "supernode.log"
     console.print(f"Site {name} joining {server}; SuperNode log: {log_path}. Ctrl-C leaves the consortium.")

@@ -149,6 +149,10 @@ def _zero_shot(model: Any, dataset: Any, lang: str) -> dict[str, float]:
 
 def run_round(site_dir: Path, arrays: Any, cfg: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     """Train one round; returns (shared state dict, scalar metrics). Raises SiteRefusal to decline."""
+    if cfg.get("task") == "head":  # federated supervised head (client/fed_head.py, docs/privacy.md)
+        from client.fed_head import run_head_round
+
+        return run_head_round(site_dir, arrays, cfg)
     import torch
 
     from vilref_fed.data.site import SiteError, open_site

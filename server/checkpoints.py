@@ -39,7 +39,7 @@ def numpy_to_arrays(d: dict[str, np.ndarray]) -> ArrayRecord:
 def _to_tensor_tree(v: Any) -> Any:
     if v is None:
         return None
-    if isinstance(v, np.ndarray):
+    if isinstance(v, (np.ndarray, np.generic)):  # numpy arithmetic on 0-d arrays yields scalars
         return torch.from_numpy(np.array(v, order="C", copy=True))
     if isinstance(v, dict):
         return {str(k): _to_tensor_tree(x) for k, x in v.items()}

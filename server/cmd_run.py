@@ -30,6 +30,11 @@ def start(
     ),
     live: bool = typer.Option(True, "--live/--no-live", help="Show the live view (off: one line per event)."),
     port: int = typer.Option(0, "--port", help="Override server.port of run.toml."),
+    resume_if_interrupted: bool = typer.Option(
+        False,
+        "--resume-if-interrupted",
+        help="Continue the latest run if it did not complete, else start a new one (for service managers).",
+    ),
 ) -> None:
     """Start the SuperLink (TLS, node authentication), submit the run and watch it until it ends."""
     from rich.live import Live
@@ -38,7 +43,7 @@ def start(
     from server.coordinator import Coordinator, CoordinatorError
     from server.flower_cli import FlowerCLIError
     from server.live import status_dict, status_renderable
-    from server.processes import ProcessStartError
+    from server.processes import ProcessStartError, exit_with_parent
     from server.run_config import RunConfigError
     from vilref_fed.logs import configure_logging
     from vilref_fed.security import PKIError
@@ -47,6 +52,9 @@ def start(
         c = open_consortium(dir)
         configure_logging(log_file=c.logs / "coordinator.log")
         coord = Coordinator(c, port=port or None)
+        if resume_if_interrupted and not resume:
+            latest = coord.db.latest_run()
+            resume = latest is not None and latest.status != "completed"
     except (ConsortiumError, RunConfigError) as err:
         fail(str(err))
 
@@ -54,6 +62,7 @@ def start(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    exit_with_parent()
     outcome = None
     try:
         try:

@@ -16,6 +16,7 @@ by hand: init, exchange keys, add sites, start, watch, export.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from typing import Any
 from server.consortium import Consortium
 from server.db import CoordinatorDB
 from server.live import status_dict
-from server.processes import ManagedProcess, free_port
+from server.processes import PARENT_ENV, ManagedProcess, free_port
 from server.superlink import https_ready
 from vilref_fed.offline import child_env
 
@@ -135,7 +136,7 @@ class LocalCluster:
         return f"127.0.0.1:{self.port}"
 
     def _env(self) -> dict[str, str]:
-        return child_env({"PYTHONUNBUFFERED": "1", **self.env})
+        return child_env({"PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid()), **self.env})
 
     # ------------------------------------------------------------------ processes
     def start_coordinator(self, resume: bool = False, ready_timeout: float = 120.0) -> ManagedProcess:
@@ -161,7 +162,9 @@ class LocalCluster:
         )
         return self.coordinator
 
-    def start_site(self, name: str, retry_for_s: float = 0.0) -> ManagedProcess:
+    def start_site(
+        self, name: str, retry_for_s: float = 0.0, env: dict[str, str] | None = None
+    ) -> ManagedProcess:
         m = self.members[name]
         if m.proc is not None and m.proc.alive():
             raise ClusterError(f"site {name} is already running")
@@ -171,9 +174,8 @@ class LocalCluster:
         ]  # fmt: skip
         if retry_for_s:
             args += ["--retry-for-s", str(retry_for_s)]
-        m.proc = ManagedProcess(
-            f"site {name}", args, self.workdir / "logs" / f"join-{name}.log", env=self._env()
-        )
+        log = self.workdir / "logs" / f"join-{name}.log"
+        m.proc = ManagedProcess(f"site {name}", args, log, env={**self._env(), **(env or {})})
         m.proc.start()
         return m.proc
 

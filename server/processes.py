@@ -16,11 +16,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from vilref_fed.offline import child_env
+
+PARENT_ENV = "VILREF_PARENT_PID"
 
 
 class ProcessStartError(RuntimeError):
@@ -55,6 +58,22 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
         return True
+
+
+def exit_with_parent(interval: float = 1.0) -> None:
+    """When `VILREF_PARENT_PID` is set (by LocalCluster), SIGTERM ourselves once that process is gone,
+    so our own clean-up runs (stop the SuperLink / SuperNode tree) even if the parent was SIGKILLed."""
+    raw = os.environ.get(PARENT_ENV, "")
+    if not raw.isdigit():
+        return
+    parent = int(raw)
+
+    def _watch() -> None:
+        while _alive(parent):
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=_watch, name="exit-with-parent", daemon=True).start()
 
 
 def _children_map() -> dict[int, list[int]]:

@@ -117,7 +117,12 @@ def _run_rounds(grid: Any, c: Any, cfg: Any, db: CoordinatorDB, run: RunRow, att
         log.info("resuming run %s after round %d", run.uid, last.round_no)
     else:
         t0 = time.monotonic()
-        arrays = initial_arrays(cfg.run.model, cfg.run.seed)
+        if cfg.run.task == "head":  # supervised head (docs/privacy.md): zero head + image encoder
+            from server.head_task import initial_head_record
+
+            arrays = initial_head_record(cfg)
+        else:
+            arrays = initial_arrays(cfg.run.model, cfg.run.seed)
         log.info("initial %s weights built in %.1f s", cfg.run.model, time.monotonic() - t0)
         start = 1
         db.event(
@@ -139,13 +144,21 @@ def _run_rounds(grid: Any, c: Any, cfg: Any, db: CoordinatorDB, run: RunRow, att
         strategy=strategy,
         checkpoint_path=c.checkpoint_path,
         audit_path=c.logs / "wire-audit.jsonl",
-        base_config={protocol.TOOLKIT_VERSION: _toolkit_version()},
+        base_config={protocol.TOOLKIT_VERSION: _toolkit_version(), **_task_config(cfg)},
     )
     for round_no in range(start, cfg.run.rounds + 1):
         result = loop.run_round(round_no, arrays)
         arrays = result.arrays
     _finish(db, run.id, attempt_id, "completed", f"{cfg.run.rounds} rounds completed")
     db.event("run-completed", f"run {run.uid} completed {cfg.run.rounds} rounds", run_uid=run.uid)
+
+
+def _task_config(cfg: Any) -> dict[str, Any]:
+    if cfg.run.task != "head":
+        return {}
+    from server.head_task import head_round_config
+
+    return head_round_config(cfg)
 
 
 def _toolkit_version() -> str:
