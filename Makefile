@@ -26,7 +26,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 demo: venv
-	$(BIN)/python -m client.demo
+	$(BIN)/python -m server.demo
 
 lint: venv
 	$(BIN)/ruff check .
