@@ -160,6 +160,7 @@ def run_round(site_dir: Path, arrays: Any, cfg: dict[str, Any]) -> tuple[Any, di
     from vilref_fed.model import build_model, load_shared_state_dict, shared_state_dict
     from vilref_fed.train import LocalTrainer
 
+    t_setup = time.perf_counter()
     round_no = int(cfg.get(protocol.ROUND, 0))
     run_uid = str(cfg.get(protocol.RUN_UID, ""))
     try:
@@ -186,8 +187,9 @@ def run_round(site_dir: Path, arrays: Any, cfg: dict[str, Any]) -> tuple[Any, di
             )
         state_dir = federation_state_dir(site.state_dir, run_uid)
         append_federation_log(logs_dir, f"run {run_uid} round {round_no}: training on {len(train_ds)} pairs")
-        t0 = time.perf_counter()
         trainer = LocalTrainer(model, tcfg, state_dir=state_dir)
+        setup_s = time.perf_counter() - t_setup
+        t0 = time.perf_counter()
         epochs = int(cfg.get(protocol.LOCAL_EPOCHS, 1))
         steps = int(cfg.get(protocol.LOCAL_STEPS, 0))
         with proximal_term(model, float(cfg.get(protocol.PROXIMAL_MU, 0.0)), tcfg.grad_accum):
@@ -199,6 +201,7 @@ def run_round(site_dir: Path, arrays: Any, cfg: dict[str, Any]) -> tuple[Any, di
             protocol.NUM_EXAMPLES: int(len(train_ds)),
             "train_loss": float(fit.get("loss", math.nan)),
             "train_steps": float(fit.get("steps", 0.0)),
+            "setup_s": float(setup_s),
             "train_s": float(train_s),
         }
         if bool(cfg.get(protocol.EVALUATE, False)):

@@ -32,6 +32,7 @@ class RunSection:
     seed: int = 0
     eval_every: int = 1
     prompt_language: str = "en"
+    task: str = "pretrain"
 
 
 @dataclass
@@ -94,6 +95,14 @@ class RunConfig:
         _check(0.0 <= self.strategy.trim_beta < 0.5, "strategy.trim_beta must be in [0, 0.5)")
         _check(self.safety.max_update_norm > 0, "safety.max_update_norm must be > 0")
         _check(self.safety.max_norm_ratio > 1, "safety.max_norm_ratio must be > 1")
+        _check(r.task in ("pretrain", "head"), "run.task must be 'pretrain' or 'head' (docs/privacy.md)")
+        if r.task == "head":
+            from server.head_task import HeadTaskError, check_head_train_section
+
+            try:
+                check_head_train_section(self.train)
+            except HeadTaskError as err:
+                raise RunConfigError(str(err)) from None
         self.privacy_config()  # raises PrivacyConfigError (a ValueError) naming the bad key
         _check(1 <= self.server.port <= 65535, "server.port must be a TCP port")
         for k, v in self.train.items():
@@ -108,7 +117,9 @@ class RunConfig:
             section = dict(self.privacy)
             if not any(str(k).replace("-", "_") == "min_sites" for k in section):
                 section["min-sites"] = self.sites.min_sites
-            return PrivacyConfig.from_mapping(section, objective=str(self.train.get("objective", "wscl")))
+            return PrivacyConfig.from_mapping(
+                section, task=self.run.task, objective=str(self.train.get("objective", "wscl"))
+            )
         except PrivacyConfigError as err:
             raise RunConfigError(str(err)) from None
 

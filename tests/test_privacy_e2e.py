@@ -40,12 +40,12 @@ def two_sites(tmp_path_factory) -> list[Path]:
             _make_site(root, "hospital-b", "glaucoma-center", 22)]
 
 
-def _cluster(workdir: Path, sites: list[Path], run: dict | None = None, **kw):
+def _cluster(workdir: Path, sites: list[Path], run: dict | None = None, train: dict | None = None, **kw):
     from server.local_cluster import LocalCluster
 
     return LocalCluster(
         workdir, sites, rounds=2, model="tiny", min_sites=2, local_epochs=0, local_steps=2,
-        train={"batch_size": 8, "queue_size": 32},
+        train=train or {"batch_size": 8, "queue_size": 32},
         sites={"wait_for_sites_s": 300.0, "straggler_grace_s": 60.0},
         run={"eval_every": 0, **(run or {})}, env={"OMP_NUM_THREADS": "1"}, **kw,
     )  # fmt: skip
@@ -96,15 +96,9 @@ def test_federated_pretraining_with_site_level_dp_records_epsilon_per_round(two_
 def test_federated_head_with_patient_level_dp_reports_epsilon_per_site(two_sites, tmp_path):
     """task = "head": each site trains the supervised head with Opacus (train_head_round) and replies
     with its cumulative epsilon; the coordinator records it per site and round."""
-    from server.run_config import RunSection
-
-    if "task" not in RunSection.__dataclass_fields__:
-        pytest.skip(
-            "the federation does not dispatch run.task = 'head' yet: server/training_run.py must start from "
-            "vilref_fed.train.head.initial_head_arrays and client/fed_train.py must call train_head_round"
-        )
     privacy = {"patient-dp": True, "patient-epsilon": 4.0, "patient-delta": 1e-4, "max-grad-norm": 1.0}
-    with _cluster(tmp_path, two_sites, run={"task": "head"}, privacy=privacy) as cluster:
+    head = {"batch_size": 8, "epochs": 3, "lr": 0.5}
+    with _cluster(tmp_path, two_sites, run={"task": "head"}, train=head, privacy=privacy) as cluster:
         cluster.start_sites()
         cluster.start_coordinator()
         status = cluster.wait_finished(timeout=900)

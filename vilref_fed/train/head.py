@@ -581,11 +581,14 @@ def head_arrays(head: MultiLabelHead, encoder: ImageFeatures | None = None) -> d
 
 
 def initial_head_arrays(model: nn.Module, num_labels: int, mode: str = "frozen",
-                        feature: str = "backbone") -> dict[str, Tensor]:
-    """The arrays the coordinator starts a federated head run from (zero head)."""
+                        feature: str = "backbone", include_encoder: bool | None = None) -> dict[str, Tensor]:
+    """The arrays a federated head run starts from: a zero head, plus the image encoder (always in
+    finetune mode; in frozen mode too with `include_encoder=True`, so that every site extracts its
+    features with the coordinator's tower; the sites send it back unchanged)."""
     encoder = ImageFeatures(model, feature)
     head = MultiLabelHead(encoder.out_dim, num_labels)
-    return head_arrays(head, encoder if mode == "finetune" else None)
+    with_encoder = (mode == "finetune") if include_encoder is None else bool(include_encoder)
+    return head_arrays(head, encoder if with_encoder else None)
 
 
 def load_head_arrays(arrays: Mapping[str, Tensor], model: nn.Module, config: HeadConfig,
