@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
             None, "--noise-multiplier", help="Noise multiplier instead of a target epsilon (with --dp)."
         ),
         max_grad_norm: float = typer.Option(
-            1.0, "--max-grad-norm", help="Per-patient gradient clipping norm C."
+            0.1, "--max-grad-norm", help="Per-patient gradient clipping norm C (the head's are ~0.1)."
         ),
         accountant: str = typer.Option("rdp", "--accountant", help="rdp or prv."),
         output: Path = typer.Option(

@@ -80,7 +80,7 @@ class PrivacyConfig:
     patient_epsilon: float | None = None
     patient_delta: float | None = None
     patient_noise_multiplier: float | None = None
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 0.1
     task: str = "pretrain"
     objective: str = "wscl"
 
