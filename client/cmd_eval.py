@@ -172,7 +172,7 @@ def register(app: typer.Typer) -> None:
             fail("--l2 must be positive")
         if not 0.0 <= threshold <= 1.0:
             fail("--threshold must be between 0 and 1")
-        from vilref_fed.eval.linear_probe import linear_probe
+        from vilref_fed.eval.probe import linear_probe
         from vilref_fed.eval.report import write_eval_report
         from vilref_fed.ontology import load_ontology
 

@@ -168,24 +168,29 @@ def _walk(
     out: list[tuple[np.ndarray, float]],
     wiggle: float,
 ) -> None:
-    """A vessel as a curving random walk; children branch off at 25-60 degrees, thinner and shorter."""
+    """A vessel as a curving random walk; children branch off at 25-60 degrees, thinner and shorter.
+
+    Vectorised: headings are a cumulative sum of curvature + noise, positions a cumulative sum of
+    steps; the walk is cut where it leaves the field of view."""
     step = 0.035
     n = max(int(length / step), 2)
-    pts = np.empty((n + 1, 2), dtype=np.float32)
+    headings = heading + np.cumsum(curvature * step + rng.normal(0, wiggle, size=n))
+    xs = start[0] + np.cumsum(step * np.cos(headings))
+    ys = start[1] + np.cumsum(step * np.sin(headings))
+    outside = np.flatnonzero(xs * xs + ys * ys > 1.1)
+    end = int(outside[0]) + 1 if outside.size else n
+    pts = np.empty((end + 1, 2), dtype=np.float32)
     pts[0] = start
-    x, y, h = start[0], start[1], heading
+    pts[1:, 0], pts[1:, 1] = xs[:end], ys[:end]
     children = []
-    for i in range(1, n + 1):
-        h += curvature * step + rng.normal(0, wiggle)
-        x += step * math.cos(h)
-        y += step * math.sin(h)
-        pts[i] = (x, y)
-        if x * x + y * y > 1.1:
-            pts = pts[: i + 1]
-            break
-        if depth < 3 and i > 2 and rng.random() < branch_p:
-            sign = rng.choice((-1.0, 1.0))
-            children.append((x, y, h + sign * rng.uniform(0.45, 1.05), sign))
+    if depth < 3:
+        draws = rng.random(n)
+        signs = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+        angles = rng.uniform(0.45, 1.05, size=n)
+        for i in np.flatnonzero(draws[: end - 1] < branch_p):
+            if i < 2:  # no branch in the first steps (inside the disc)
+                continue
+            children.append((float(xs[i]), float(ys[i]), float(headings[i] + signs[i] * angles[i]), signs[i]))
     out.append((pts, width))
     for cx, cy, ch, sign in children:
         _walk(

@@ -37,6 +37,19 @@ LABEL_IDS: tuple[str, ...] = (
 )
 """DESIGN.md §3.1 order. The ontology is the authority; synthetic.py checks that the two agree."""
 
+# Findings whose drawn signature is large enough to survive a 32-64 px model input (measured by
+# tests/test_synthetic.py::test_every_label_is_visible_at_model_resolution: > 2.5 grey levels of mean
+# change at 64 px); the others (microaneurysms, small drusen, cups) need larger inputs.
+COARSE_LABELS: tuple[str, ...] = (
+    "pathological_myopia",
+    "tessellated_fundus",
+    "retinal_artery_occlusion",
+    "epiretinal_membrane",
+    "retinal_detachment",
+    "optic_disc_edema",
+    "media_opacity",
+)
+
 # Findings that follow from others (parent, child, probability): realistic co-occurrence.
 CO_OCCURRENCE: tuple[tuple[str, str, float], ...] = (
     ("diabetic_retinopathy", "macular_edema", 0.35),
@@ -223,6 +236,37 @@ PROFILES: dict[str, SiteProfile] = {
         language="en",
         description="every finding equally common: tests, held-out evaluation and learnability checks",
         priors={label: 0.09 for label in LABEL_IDS if label != "normal"},
+        camera=Camera(
+            width=256,
+            height=256,
+            fov_fraction=0.97,
+            cast=(1.0, 1.0, 1.0),
+            brightness=1.0,
+            gamma=1.0,
+            blur=0.3,
+            noise=0.01,
+            vignette=0.3,
+            manufacturer="Synthetic Optics",
+            model_name="FundusCam 1",
+        ),
+        both_eyes_p=0.0,
+        negation_p=0.4,
+        hedge_p=0.1,
+        false_hedge_p=0.0,
+        co_occurrence_scale=0.5,
+        transfer_syntax="explicit",
+        institution="Synthetic Reference Centre",
+        accession_prefix="SRC",
+    ),
+    "coarse": SiteProfile(
+        name="coarse",
+        language="en",
+        description=(
+            "only findings whose signature survives downsampling to 32-64 px (haze, pale ischaemic "
+            "retina, detachment, tessellation, myopic atrophy, membranes, disc swelling/pallor): "
+            "the learnability check for tiny CPU models, which cannot see microaneurysms"
+        ),
+        priors={label: 0.13 for label in COARSE_LABELS},
         camera=Camera(
             width=256,
             height=256,

@@ -72,9 +72,10 @@ class _Lexicon:
             all_terms[lab.id] = [
                 t for t in [lab.name_en, lab.name_zh, *lab.synonyms_en, *lab.synonyms_zh, *abbrevs] if t
             ]
+        normalised = {label: [norm(t) for t in ts] for label, ts in all_terms.items()}
         for lab in ontology.labels:
             descs = lab.descriptors_zh if lang == "zh" else lab.descriptors_en
-            others = [t for other, ts in all_terms.items() if other != lab.id for t in ts]
+            others = [t for other, ts in normalised.items() if other != lab.id for t in ts]
             self.descriptors[lab.id] = [d for d in descs if _safe_descriptor(d, others, norm)]
 
     def term(self, rng: np.random.Generator, label: str) -> str:
@@ -113,12 +114,12 @@ def _normaliser(ontology: Any):
 
 
 def _safe_descriptor(desc: str, other_terms: list[str], norm) -> bool:
-    """A descriptor may be used as a finding only if it names no other label and holds no cue word."""
+    """A descriptor may be used as a finding only if it names no other label (other_terms, normalised
+    with `norm`) and holds no negation or hedge cue."""
     if not desc or _NEGATION_OR_HEDGE.search(desc):
         return False
     low = norm(desc)
-    for t in other_terms:
-        tl = norm(t)
+    for tl in other_terms:  # already normalised
         if len(tl) < 2:
             continue
         if tl.isascii():

@@ -22,9 +22,9 @@ _EXPORTS = {
     "roc_auc": "vilref_fed.eval.metrics",
     "average_precision": "vilref_fed.eval.metrics",
     "roc_curve": "vilref_fed.eval.metrics",
-    "linear_probe": "vilref_fed.eval.linear_probe",
-    "fit_logistic": "vilref_fed.eval.linear_probe",
-    "extract_features": "vilref_fed.eval.linear_probe",
+    "linear_probe": "vilref_fed.eval.probe",
+    "fit_logistic": "vilref_fed.eval.probe",
+    "extract_features": "vilref_fed.eval.probe",
     "write_eval_report": "vilref_fed.eval.report",
 }
 

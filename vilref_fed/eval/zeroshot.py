@@ -62,13 +62,16 @@ class _EvalMode:
 
 @torch.no_grad()
 def label_text_embeddings(model: torch.nn.Module, ontology: Any, label_ids: Sequence[str], lang: str = "en"):
-    """[C, D] unit class embeddings: each label's prompts embedded, averaged, re-normalised."""
+    """[C, D] unit class embeddings: each label's prompts embedded, averaged, re-normalised.
+
+    `lang` is "en", "zh", or "en+zh" (both languages' prompts averaged: a consortium whose sites
+    report in different languages, evaluated on images from all of them)."""
     m = _unwrap(model)
     dev = _device(m)
     with _EvalMode(m):
         out = []
         for label in label_ids:
-            prompts = ontology.prompts(label, lang)
+            prompts = [p for code in lang.split("+") for p in ontology.prompts(label, code)]
             if not prompts:
                 raise ValueError(f"the ontology has no {lang} prompts for {label!r}")
             tok = m.tokenize(list(prompts))
