@@ -178,6 +178,8 @@ def register(app: typer.Typer) -> None:
             console.print(f"validation macro AUC {metrics['val_macro_auc']:.3f} on {len(val_set)} images "
                           "(the validation split is small on a small site: read it with care)")
         if dp:
+            eps_path = ", ".join(f"{h['epsilon']:.2f}" for h in result.history)
+            console.print(f"epsilon after each epoch: {eps_path}")
             console.print(
                 f"patient-level DP: epsilon = {metrics['epsilon']:.3f} at delta = {metrics['delta']:.2g} "
                 f"(noise multiplier {metrics['noise_multiplier']:.3f}, clip {metrics['max_grad_norm']:g}, "

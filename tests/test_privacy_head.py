@@ -77,6 +77,8 @@ def test_opacus_head_training_reports_epsilon_for_a_target(model, data):
     assert m["units"] == 80 and m["images"] == 160 and m["privacy_unit_patient"] == 1.0
     assert m["sample_rate"] == pytest.approx(16 / 80)
     assert result.accountant_state["history"]
+    per_epoch = [h["epsilon"] for h in result.history]  # epsilon per epoch, growing to the target
+    assert len(per_epoch) == 4 and per_epoch == sorted(per_epoch) and per_epoch[-1] == m["epsilon"]
     assert math.isfinite(evaluate_head(model, result.head, val, cfg, LABELS)["macro_auc"])
 
 

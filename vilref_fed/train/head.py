@@ -386,7 +386,9 @@ def train_head(
 def _run_epochs(
     module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, config: HeadConfig,
     loss_of: Callable[[nn.Module, Any], Tensor], progress: Callable[[str, int, int], None] | None,
+    epsilon_now: Callable[[], float] | None = None,
 ) -> tuple[float, int, list[dict[str, float]]]:
+    """Train; the history holds each epoch's loss and, under DP, the epsilon spent by its end."""
     module.train()
     steps, total_loss, seen, history = 0, 0.0, 0, []
     total = config.epochs * len(loader)
@@ -407,7 +409,10 @@ def _run_epochs(
             if progress is not None:
                 progress("train", steps, total)
         total_loss = epoch_loss / max(1, epoch_batches)
-        history.append({"epoch": float(epoch + 1), "loss": total_loss})
+        entry = {"epoch": float(epoch + 1), "loss": total_loss}
+        if epsilon_now is not None:
+            entry["epsilon"] = epsilon_now()
+        history.append(entry)
     return total_loss, steps, history
 
 
@@ -486,7 +491,8 @@ def train_head_on_features(
     if config.dp is not None:
         dp = _dp_attach(head, optimizer, loader, config, planned_epochs, accountant_state, deterministic_seed)
         module, optimizer, loader = dp.module, dp.optimizer, dp.data_loader
-    loss, steps, history = _run_epochs(module, optimizer, loader, config, _frozen_loss, progress)
+    loss, steps, history = _run_epochs(module, optimizer, loader, config, _frozen_loss, progress,
+                                       dp.epsilon if dp is not None else None)
     metrics = {"train_loss": loss, "steps": float(steps), "units": float(len(units)),
                "images": float(len(table.unit_keys)), "images_dropped": float(units.dropped_images)}
     if dp is not None:
@@ -528,7 +534,8 @@ def _train_finetune(model, dataset, config, *, num_labels, head, accountant_stat
         dp = _dp_attach(classifier, optimizer, loader, config, planned_epochs, accountant_state,
                         deterministic_seed)
         module, optimizer, loader = dp.module, dp.optimizer, dp.data_loader
-    loss, steps, history = _run_epochs(module, optimizer, loader, config, _finetune_loss, progress)
+    loss, steps, history = _run_epochs(module, optimizer, loader, config, _finetune_loss, progress,
+                                       dp.epsilon if dp is not None else None)
     metrics = {"train_loss": loss, "steps": float(steps), "units": float(len(units)),
                "images": float(len(dataset)), "images_dropped": 0.0}
     if dp is not None:
