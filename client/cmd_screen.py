@@ -99,7 +99,7 @@ def screen(
     except ScreeningError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
-        fail("interrupted; nothing was written for the unfinished run", code=130)
+        fail("interrupted; the results of this run were not written", code=130)
     _print_summary(summary, out_dir)
 
 
@@ -116,6 +116,11 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
         t.add_row(f"  {reason}", str(n))
     t.add_row("throughput", f"{summary['images_per_s']:.1f} images/s on {summary['device']}")
     console.print(t)
+    if summary["model"].get("ontology_matches") is False:
+        console.print(
+            "[yellow]warning:[/] the model was trained with another ontology version than this site's; "
+            "its prompts come from this site's ontology"
+        )
     if c["files_rejected"]:
         console.print(f"rejected files and reasons: {out_dir / 'private' / 'rejected.csv'}")
     console.print(f"results: {out_dir / 'results.csv'}  report: {out_dir / 'report.html'}")

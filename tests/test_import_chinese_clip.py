@@ -246,3 +246,23 @@ def test_cli_import_writes_a_model_file_screening_can_load(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_imported_model_screens_and_the_raw_release_file_gets_a_hint(tmp_path):
+    from dicom_factory import identity, write_dicom
+
+    from vilref_fed.eval.screening import ScreeningError, ScreenOptions, screen_model_file
+    from vilref_fed.model.import_chinese_clip import import_to_checkpoint
+
+    ref = _reference(VIT_SMALL)
+    src = tmp_path / "ViLReF_ViT.pt"
+    save_like_chinese_clip(ref, src)
+    model_file = import_to_checkpoint(src, tmp_path / "imported.pt", context_length=32)
+    export = tmp_path / "export"
+    for i, kind in enumerate(("explicit_rgb", "jpeg_ybr422")):
+        write_dicom(export / f"IM{i}", kind, identity(i), size=64, variant=i)
+    opts = ScreenOptions([export], tmp_path / "out", workers=0, progress=False)
+    summary = screen_model_file(model_file, opts)
+    assert summary["counts"]["images_screened"] == 2 and summary["language"] == "zh"
+    with pytest.raises(ScreeningError, match="import-chinese-clip"):
+        screen_model_file(src, ScreenOptions([export], tmp_path / "out2", workers=0, progress=False))

@@ -166,3 +166,22 @@ def test_site_dir_keys_are_the_site_study_hashes(tmp_path):
         run_screening(
             model, meta, ScreenOptions([export], tmp_path / "o2", site_dir=tmp_path, progress=False)
         )
+
+
+def test_output_inside_the_export_is_not_screened_and_a_missing_gpu_is_one_line(tmp_path):
+    from vilref_fed.eval.screening import select_device
+    from vilref_fed.model import build_model
+
+    model = build_model("tiny")
+    meta = {"model_config": model.config.to_dict(), "prompt_language": "en"}
+    export = tmp_path / "export"
+    write_dicom(export / "IM0", "explicit_rgb", identity(1), size=64)
+    opts = ScreenOptions([export], export / "results", workers=0, progress=False)
+    run_screening(model, meta, opts)
+    second = run_screening(model, meta, opts)  # the first run's outputs sit inside the input folder
+    assert second["counts"]["files_found"] == 1 and second["counts"]["files_rejected"] == 0
+    if not torch.cuda.is_available():
+        with pytest.raises(ScreeningError, match="CUDA is not available"):
+            select_device("cuda")
+    with pytest.raises(ScreeningError, match="unknown device"):
+        select_device("tpu:9")

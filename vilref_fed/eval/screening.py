@@ -154,13 +154,15 @@ def site_settings(site_dir: Path | None, out_dir: Path) -> SiteSettings:
 # ---------------------------------------------------------------------------------------------
 
 
-def discover_files(inputs: Iterable[Path]) -> list[Path]:
+def discover_files(inputs: Iterable[Path], exclude: Path | None = None) -> list[Path]:
     """Every regular file under the inputs (recursively, any name), sorted, without duplicates.
 
     DICOM exports often have no extension, so nothing is filtered by name; the reader decides.
-    Hidden files (names starting with ".") are skipped: they are OS metadata, not exports.
+    Hidden files (names starting with ".") are skipped: they are OS metadata, not exports; so is
+    `exclude` (the output directory, when someone writes results inside the export folder).
     """
     found: dict[str, Path] = {}
+    skip = str(Path(exclude).resolve()) if exclude is not None else None
     for root in inputs:
         root = Path(root)
         if not root.exists():
@@ -169,6 +171,9 @@ def discover_files(inputs: Iterable[Path]) -> list[Path]:
             found.setdefault(str(root.resolve()), root)
             continue
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            if skip is not None and str(Path(dirpath).resolve()) == skip:
+                dirnames[:] = []
+                continue
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 if name.startswith("."):
@@ -287,11 +292,23 @@ def default_workers() -> int:
 
 
 def select_device(requested: str | None = None):
+    """The requested device, checked (a missing GPU is a one-line error, not a CUDA traceback)."""
     import torch
 
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ScreeningError(f"unknown device {requested!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ScreeningError(
+                f"--device {requested} asked for a GPU but CUDA is not available; use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ScreeningError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def _resolve_labels(requested: Sequence[str] | None, ontology) -> list[str]:
@@ -377,7 +394,7 @@ def run_screening(model, meta: dict[str, Any], options: ScreenOptions, console=N
     if options.batch_size < 1:
         raise ScreeningError("--batch-size must be at least 1")
 
-    files = discover_files(options.inputs)
+    files = discover_files(options.inputs, exclude=out_dir)
     if not files:
         raise ScreeningError("no files found in the given inputs; point --input at a DICOM export folder")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -714,5 +731,8 @@ def screen_model_file(model_path: Path, options: ScreenOptions, console=None) ->
     try:
         model, meta = load_checkpoint(model_path)
     except (ValueError, OSError) as exc:
-        raise ScreeningError(str(exc)) from None
+        hint = ""
+        if "format tag" in str(exc):
+            hint = "; convert a released ViLReF checkpoint with `vilref-client import-chinese-clip` first"
+        raise ScreeningError(f"{exc}{hint}") from None
     return run_screening(model, meta, options, console=console)
