@@ -496,7 +496,13 @@ def site_dp_mod(msg: Any, context: Any, call_next: Callable[[Any, Any], Any]) ->
     reads it from `context.run_config` at call time and delegates to Flower's clipping mod. Use it as
     the LAST train mod: `@app.train(mods=[site_dp_mod])`.
     """
-    privacy = PrivacyConfig.from_run_config(context.run_config)
+    # Only the site-level mode matters on the site; the patient-level settings were validated by the
+    # coordinator (and the run config a ClientApp sees need not carry the task they depend on).
+    rc = context.run_config
+    nested = rc.get("privacy")
+    mode = rc.get("privacy.mode", nested.get("mode", NONE) if isinstance(nested, Mapping) else NONE)
+    privacy = PrivacyConfig(mode=str(mode))
+    privacy.validate()
     mods = client_mods(privacy)
     if not mods:
         return call_next(msg, context)

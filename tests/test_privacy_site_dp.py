@@ -372,3 +372,31 @@ def test_client_adaptive_recovers_the_norm_bit_when_the_round_loop_drops_it(clip
     arrays, _ = s.aggregate_train(1, [_reply(k, size * _direction(k)) for k in (1, 2, 3)])
     assert arrays is not None
     assert (s.clipping_norm < c_old) == shrinks
+
+
+def test_site_dp_mod_clips_on_the_site_in_client_side_mode_only():
+    """The ClientApp mod reads the run's mode at call time (real Flower Context and Messages)."""
+    from flwr.app import Context
+
+    from server.privacy import site_dp_mod
+
+    def instruction(clip: float | None) -> Message:
+        config = ConfigRecord({"clipping_norm": clip} if clip is not None else {})
+        meta = _meta(0)
+        meta.message_type = MessageType.TRAIN
+        return Message(RecordDict({"arrays": _global(), "config": config}), metadata=meta)
+
+    def train(msg: Message, ctx: Context) -> Message:  # the site's training: an update of norm 10
+        return _reply(1, 10 * _direction(3))
+
+    def run(run_config: dict, clip: float | None) -> Message:
+        ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)
+        return site_dp_mod(instruction(clip), ctx, train)
+
+    # patient-level settings of a head run do not disturb the site-level clipping
+    out = run({"privacy.mode": "site-client-fixed", "privacy.patient-dp": True, "task": "head"}, 0.5)
+    assert np.linalg.norm(out.content["arrays"]["w"].numpy()) == pytest.approx(0.5, rel=1e-4)
+    out = run({"privacy.mode": "site-server-fixed"}, None)  # the server clips: the site sends as is
+    assert np.linalg.norm(out.content["arrays"]["w"].numpy()) == pytest.approx(10, rel=1e-4)
+    out = run({}, None)
+    assert np.linalg.norm(out.content["arrays"]["w"].numpy()) == pytest.approx(10, rel=1e-4)
