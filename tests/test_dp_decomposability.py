@@ -209,3 +209,25 @@ def test_prepare_module_refuses_a_bare_logit_scale_and_fixes_batchnorm():
     assert any(isinstance(m, nn.GroupNorm) for m in fixed.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fixed.modules())
     assert fixed.training  # .train() after loading: Opacus records nothing in eval mode
+
+
+def test_unused_trainable_parameters_are_frozen_before_dp():
+    """Opacus refuses a step when a trainable parameter gets no per-sample gradient (a BERT pooler, a
+    text tower when only images train); freezing them is correct since they would not change."""
+    from vilref_fed.train.privacy import freeze_unused_parameters
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(4, 2)
+            self.pooler = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    net = TwoHeads()
+    x = torch.randn(3, 4)
+    frozen = freeze_unused_parameters(net, lambda m: m(x).sum())
+    assert frozen == ["pooler.weight", "pooler.bias"]
+    assert all(p.requires_grad for p in net.used.parameters())
+    assert per_sample_gradients(net, lambda m, b: m(b).sum(), x).keys() == {"used.weight", "used.bias"}

@@ -395,7 +395,7 @@ def per_sample_gradients(
         out = {}
         for name, p in gsm.named_parameters():
             if p.requires_grad and getattr(p, "grad_sample", None) is not None:
-                out[name] = p.grad_sample.detach().clone()
+                out[name.removeprefix("_module.")] = p.grad_sample.detach().clone()
             p.grad_sample = None
         return out
     finally:
