@@ -16,8 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
+
 from server.consortium import Consortium
-from server.db import CoordinatorDB, RunRow
+from server.db import AttemptRow, CoordinatorDB, RunRow
 from server.flower_app import write_app_dir
 from server.run_config import RunConfig
 from server.sites import sync_registrations
@@ -91,9 +93,9 @@ class Coordinator:
                     "start a new run without --resume"
                 )
             done = len(self.db.completed_rounds(latest.id))
-            if latest.rounds_planned != self.cfg.run.rounds:
-                with self.db.session() as s:
-                    s.get(RunRow, latest.id).rounds_planned = self.cfg.run.rounds
+            with self.db.session() as s:
+                row = s.get(RunRow, latest.id)
+                row.rounds_planned, row.status, row.message = self.cfg.run.rounds, "submitted", None
             self.db.event(
                 "resume-requested",
                 f"resume of run {latest.uid} after {done} completed rounds",
@@ -147,16 +149,28 @@ class Coordinator:
 
     # ---------------------------------------------------------------- watch
     def poll(self) -> RunOutcome | None:
-        """None while running; the outcome once the ServerApp finished (or died)."""
+        """None while running; the outcome once this submission's ServerApp finished (or died).
+
+        The outcome is read from this submission's attempt row, never from the run row alone: after
+        a resume, the run row still says how the killed attempt ended until the new ServerApp starts.
+        """
         assert self.run_uid is not None and self.superlink is not None
-        run = self.db.run_by_uid(self.run_uid)
-        if run is not None and run.status in ("completed", "failed"):
-            return self._outcome(run)
+        attempt = self._attempt()
+        if attempt is not None and attempt.status in ("completed", "failed", "stopped"):
+            return RunOutcome(self.run_uid, attempt.status, attempt.message or "", self._done())
         if not self.superlink.alive():
             return RunOutcome(
                 self.run_uid, "failed", "the SuperLink exited; see logs/superlink.log", self._done()
             )
         return None
+
+    def _attempt(self) -> AttemptRow | None:
+        if not self.flower_run_id:
+            return None
+        with self.db.session() as s:
+            return s.scalars(
+                select(AttemptRow).where(AttemptRow.flower_run_id == str(self.flower_run_id))
+            ).first()
 
     def _flower_finished(self) -> str | None:
         assert self.superlink is not None and self.flower_run_id is not None

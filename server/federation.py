@@ -286,6 +286,7 @@ class RoundLoop:
             )
             for o in good
         ]
+        t_agg = time.monotonic()
         new_arrays, _ = self.strategy.aggregate_train(round_no, canonical)
         if new_arrays is None:
             msg = f"round {round_no}: the strategy produced no aggregate"
@@ -300,6 +301,9 @@ class RoundLoop:
         new_arrays = _match_dtypes(new_arrays, global_np)
 
         metrics = aggregate_metrics([o.verdict for o in good])  # type: ignore[misc]
+        metrics["server_aggregate_s"] = time.monotonic() - t_agg
+        trained = [o.verdict for o in outcomes.values() if o.verdict is not None]
+        metrics["slowest_train_s"] = max(float(v.metrics.get("train_s", 0.0)) for v in trained)
         duration = time.monotonic() - t_start
         result = RoundResult(
             round_no=round_no,
@@ -435,13 +439,21 @@ class RoundLoop:
                     site.last_state = "trained"
 
 
+_SUMMED = frozenset({"val_examples"})
+
+
 def aggregate_metrics(verdicts: list[Verdict]) -> dict[str, float]:
-    """Example-weighted mean of each metric over the sites that reported a finite value."""
+    """Example-weighted mean of each metric over the sites that reported a finite value (counts are
+    summed)."""
     out: dict[str, float] = {}
     keys = sorted({k for v in verdicts for k in v.metrics})
     for k in keys:
         if k == protocol.NUM_EXAMPLES:
             out["num_examples"] = float(sum(v.num_examples for v in verdicts))
+            continue
+        if k in _SUMMED:
+            vals = [v.metrics[k] for v in verdicts if k in v.metrics and math.isfinite(v.metrics[k])]
+            out[k] = float(sum(vals))
             continue
         pairs = [
             (v.metrics[k], v.num_examples) for v in verdicts if k in v.metrics and math.isfinite(v.metrics[k])

@@ -195,8 +195,10 @@ class LocalCluster:
             m.proc.stop()
 
     def kill_coordinator(self) -> None:
+        """`kill -9` of the `vilref-server start` process alone; its SuperLink (started with a parent-death
+        signal) and the ServerApp under it go down with it."""
         if self.coordinator is not None:
-            self.coordinator.kill()
+            self.coordinator.kill_main()
 
     # ------------------------------------------------------------------ watching
     def status(self) -> dict[str, Any]:

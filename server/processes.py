@@ -52,7 +52,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True if nothing listens on the port (connections in TIME_WAIT do not count, as for servers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -74,6 +76,16 @@ def exit_with_parent(interval: float = 1.0) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=_watch, name="exit-with-parent", daemon=True).start()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM this child when the process that started it dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -131,8 +143,10 @@ class ManagedProcess:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        die_with_parent: bool = True,
     ) -> None:
         self.name = name
+        self.die_with_parent = die_with_parent and sys.platform.startswith("linux")
         self.args = [str(a) for a in args]
         self.log_path = Path(log_path)
         self.env = dict(env) if env is not None else child_env()
@@ -151,6 +165,7 @@ class ManagedProcess:
                 env=self.env,
                 cwd=str(self.cwd) if self.cwd else None,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         finally:
             log.close()
@@ -198,6 +213,16 @@ class ManagedProcess:
                     f"see {self.log_path}:\n{self.log_tail()}"
                 )
             time.sleep(interval)
+
+    def kill_main(self) -> None:
+        """SIGKILL only the main process (what the OOM killer or `kill -9 PID` does); children started
+        with die_with_parent get SIGTERM from the kernel and shut down cleanly."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
 
     def kill(self) -> None:
         """SIGKILL the process and every descendant at once: a crash, for fault tests."""

@@ -39,6 +39,7 @@ REPLY_METRICS: tuple[str, ...] = (
     NUM_EXAMPLES,
     "train_loss",
     "train_steps",
+    "setup_s",
     "train_s",
     "eval_s",
     "val_examples",

@@ -79,6 +79,11 @@ def run_training(grid: Any, run_config: dict[str, Any], flower_run_id: int | str
 
     try:
         _run_rounds(grid, c, cfg, db, run, attempt_id)
+    except (KeyboardInterrupt, SystemExit):
+        msg = "interrupted (the coordinator stopped); `vilref-server start --resume` continues it"
+        _finish(db, run.id, attempt_id, "stopped", msg)
+        db.event("run-stopped", msg, level="warn", run_uid=run.uid)
+        raise
     except BaseException as err:
         msg = str(err) if isinstance(err, FederationError) else f"{type(err).__name__}: {err}"
         _finish(db, run.id, attempt_id, "failed", msg)

@@ -279,6 +279,30 @@ def test_flower_app_stub_ships_no_code(tmp_path):
     assert sorted(names) == [".info/CONTENT", "pyproject.toml"]
 
 
+def test_repo_root_fab_would_carry_no_code():
+    """`flwr run .` from the repository packs only metadata (fab-include in pyproject.toml)."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_files
+
+    root = Path(__file__).resolve().parents[1]
+    names = (
+        "pyproject.toml",
+        "README.md",
+        "server/app.py",
+        "client/app.py",
+        "vilref_fed/model/configs/tiny.json",
+    )
+    files = {p: root / p for p in names}
+    fab, _ = build_fab_from_files({k: v for k, v in files.items() if v.exists()})
+    assert sorted(zipfile.ZipFile(io.BytesIO(fab)).namelist()) == [
+        ".info/CONTENT",
+        "README.md",
+        "pyproject.toml",
+    ]
+
+
 # ----------------------------------------------------------------------------------------- client side
 def test_fedprox_term_adds_mu_times_distance_to_the_gradient():
     import torch
@@ -350,6 +374,40 @@ def test_stop_kills_descendants_in_other_sessions(tmp_path):
             not Path(f"/proc/{k}").exists()
             or "Z" in Path(f"/proc/{k}/stat").read_text().rsplit(")", 1)[1][:3]
         )
+
+
+def test_children_die_with_a_sigkilled_parent(tmp_path):
+    """`kill -9` of a coordinator: the SuperLink it started (die_with_parent) goes down too."""
+    from server.processes import ManagedProcess, descendants
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from server.processes import ManagedProcess\n"
+        "cmd = [sys.executable, '-c', 'import time; time.sleep(300)']\n"
+        "ManagedProcess('child', cmd, Path(sys.argv[1])).start()\n"
+        "time.sleep(300)\n"
+    )
+    p = ManagedProcess(
+        "parent", [sys.executable, str(script), str(tmp_path / "child.log")], tmp_path / "p.log"
+    )
+    p.start()
+    deadline = time.monotonic() + 60
+    while not descendants(p.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (child,) = descendants(p.pid)
+    p.kill_main()
+    from server.processes import _alive
+
+    deadline = time.monotonic() + 20
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = (
+        Path(f"/proc/{child}").exists()
+        and Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    )
+    assert not alive
 
 
 def test_exit_with_parent_terminates_orphans(tmp_path):

@@ -1,0 +1,220 @@
+"""Cost of federation itself: round wall time against local training, bytes against the model, start-up.
+
+A real consortium on loopback (LocalCluster: `vilref-server start` with TLS and node authentication,
+one `vilref-client join` per synthetic hospital), the `tiny` model by default. For each round after
+the first, from the coordinator database and the sites' own timings:
+
+    round_overhead_ratio = round wall time / slowest site's local training time - 1
+
+(both measured in the same run, so machine load hits them alike), and where the rest goes: the
+site-side set-up inside the ClientApp (model build, loading the global weights, opening the site
+dataset), the coordinator's checks + aggregation, and what is left (Flower's message polling and
+the fresh `flwr-clientapp` process per message: imports of flwr, torch and transformers).
+Bytes: Flower's own Fleet-API traffic counters of the run (SuperLink state database) divided per
+site and round, against the fp32 size of the shared parameters. Start-up: from launching
+`vilref-server start` to the SuperLink accepting TLS, and to round 1's model being sent.
+
+    .venv/bin/python bench/federation.py --sites 3 --rounds 3 --local-steps 20
+
+Prints JSON and writes bench/results/federation.json (keys: round_overhead_ratio, bytes_ratio,
+startup_s, plus the breakdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import vilref_fed  # noqa: E402, F401
+
+PROFILES = [("urban-dr", "en"), ("myopia-clinic", "zh"), ("glaucoma-center", "en")]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--images", type=int, default=48, help="images per synthetic site")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--local-steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument(
+        "--eval-every", type=int, default=0, help="zero-shot eval in the reply every N rounds (0: off)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--workdir", type=Path, default=None, help="keep everything here (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "federation.json")
+    return p.parse_args(argv)
+
+
+def make_sites(root: Path, n_sites: int, n_images: int) -> list[Path]:
+    from vilref_fed.data.ingest import IngestOptions, ingest
+    from vilref_fed.data.site import init_site
+    from vilref_fed.data.synthetic import generate_site
+
+    out = []
+    for i in range(n_sites):
+        profile, lang = PROFILES[i % len(PROFILES)]
+        name = f"site-{chr(ord('a') + i)}"
+        gen = root / f"gen-{name}"
+        generate_site(gen, n_images, profile, seed=i + 1, dicom=True)
+        site = init_site(root / name, name, language=lang, image_size=64)
+        try:
+            ingest(site, IngestOptions(dicom=[gen / "dicom"], reports=[gen / "reports.csv"]))
+        finally:
+            site.close()
+        shutil.rmtree(gen)
+        out.append(root / name)
+    return out
+
+
+def clientapp_cold_start_s(threads: int) -> float:
+    """What a fresh `flwr-clientapp` pays before our handler runs: Python + flwr + our ClientApp +
+    torch + the model/dataset modules it imports."""
+    code = (
+        "import time; t=time.perf_counter(); import flwr.supernode.cli.flwr_clientapp, client.app, torch; "
+        "import vilref_fed.model, vilref_fed.train, vilref_fed.data.site_dataset; "
+        "print(time.perf_counter()-t)"
+    )
+    from vilref_fed.offline import child_env
+
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=child_env({"OMP_NUM_THREADS": str(threads)}), cwd=ROOT)  # fmt: skip
+    total = time.perf_counter() - t0
+    return max(total, float(out.stdout.strip() or 0))
+
+
+def fleet_traffic(superlink_db: Path) -> tuple[int, int]:
+    """(bytes received from SuperNodes, bytes sent to them) of the run, Flower's own counters."""
+    con = sqlite3.connect(f"file:{superlink_db}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT bytes_recv, bytes_sent FROM run").fetchall()
+    finally:
+        con.close()
+    return int(sum(r[0] or 0 for r in rows)), int(sum(r[1] or 0 for r in rows))
+
+
+def _ts(s: str) -> float:
+    return dt.datetime.fromisoformat(s.rstrip("Z")).replace(tzinfo=dt.UTC).timestamp()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    from server.db import CoordinatorDB, RoundRow
+    from server.local_cluster import LocalCluster
+    from vilref_fed.model import build_model, shared_state_dict
+
+    args = parse_args(argv)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="vilref-bench-fed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_sites = time.perf_counter()
+    sites = make_sites(work / "sites", args.sites, args.images)
+    sites_s = time.perf_counter() - t_sites
+
+    params = shared_state_dict(build_model(args.model))
+    fp32_bytes = int(sum(v.numel() for v in params.values())) * 4
+
+    cluster = LocalCluster(
+        work / "run", sites, rounds=args.rounds, model=args.model, min_sites=args.sites, local_epochs=0,
+        local_steps=args.local_steps, run={"eval_every": args.eval_every},
+        train={"batch_size": args.batch, "queue_size": 256, "warmup_steps": 0},
+        sites={"poll_interval_s": 0.3, "straggler_grace_s": 600.0, "round_timeout_s": 1800.0},
+        env={"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)},
+    )  # fmt: skip
+    cluster.init()
+    try:
+        t_launch = time.time()
+        cluster.start_coordinator()
+        superlink_ready_s = time.time() - t_launch
+        cluster.start_sites()
+        status = cluster.wait_finished(timeout=3600)
+    finally:
+        cluster.close()
+    if status["run"]["status"] != "completed":
+        raise SystemExit(f"the benchmark run did not complete: {status['run']}")
+
+    db = CoordinatorDB(cluster.consortium.database_url())
+    try:
+        with db.session() as s:
+            started = {r.round_no: r.started_at for r in s.query(RoundRow)}
+    finally:
+        db.close()
+    first_round_start = started[1].replace(tzinfo=dt.UTC).timestamp()
+    rounds = []
+    for r in status["rounds"]:
+        sites_m = [s["metrics"] for s in r["sites"] if s["status"] == "accepted"]
+        rounds.append({
+            "round": r["round"],
+            "wall_s": r["duration_s"],
+            "slowest_train_s": max(m["train_s"] for m in sites_m),
+            "slowest_setup_s": max(m.get("setup_s", 0.0) for m in sites_m),
+            "server_aggregate_s": r["metrics"].get("server_aggregate_s", 0.0),
+            "eval_s": max(m.get("eval_s", 0.0) for m in sites_m),
+        })  # fmt: skip
+    steady = rounds[1:] if len(rounds) > 1 else rounds
+    wall = statistics.median(x["wall_s"] for x in steady)
+    train = statistics.median(x["slowest_train_s"] for x in steady)
+    setup = statistics.median(x["slowest_setup_s"] for x in steady)
+    agg = statistics.median(x["server_aggregate_s"] for x in steady)
+    ev = statistics.median(x["eval_s"] for x in steady)
+    recv, sent = fleet_traffic(cluster.consortium.superlink_db)
+    per_site_round_up = recv / (args.sites * args.rounds)
+    per_site_round_down = sent / (args.sites * args.rounds)
+    payload_up = statistics.median(r["bytes_received"] / max(r["sites_sampled"], 1) for r in status["rounds"])
+    cold = clientapp_cold_start_s(args.threads)
+    result = {
+        "round_overhead_ratio": wall / train - 1.0,
+        "bytes_ratio": per_site_round_up / fp32_bytes,
+        "startup_s": first_round_start - t_launch,
+        "superlink_ready_s": superlink_ready_s,
+        "round_wall_s": wall,
+        "slowest_local_train_s": train,
+        "overhead_s": wall - train,
+        "overhead_breakdown_s": {
+            "site_setup_in_clientapp": setup,
+            "zero_shot_eval_in_reply": ev,
+            "coordinator_checks_and_aggregation": agg,
+            "clientapp_cold_start_measured_separately": cold,
+            "flower_messaging_and_polling_rest": max(wall - train - setup - agg - ev - cold, 0.0),
+        },
+        "bytes_up_per_site_round": per_site_round_up,
+        "bytes_down_per_site_round": per_site_round_down,
+        "download_ratio": per_site_round_down / fp32_bytes,
+        "payload_up_per_site_round": payload_up,
+        "fp32_shared_bytes": fp32_bytes,
+        "shared_parameters": fp32_bytes // 4,
+        "rounds": rounds,
+        "config": {
+            "model": args.model, "sites": args.sites, "rounds": args.rounds, "local_steps": args.local_steps,
+            "batch": args.batch, "images_per_site": args.images, "eval_every": args.eval_every,
+            "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+            "cpus": os.cpu_count(), "site_setup_s": sites_s,
+        },
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
