@@ -5,11 +5,20 @@ Heavy imports (torch, transformers, pydicom) happen inside the commands, so `--h
 
 from __future__ import annotations
 
-import vilref_fed  # noqa: F401  (pins the offline environment before anything else is imported)
-
 import typer
 
-from client import cmd_eval, cmd_join, cmd_labels, cmd_privacy, cmd_screen, cmd_site, cmd_synth, cmd_train
+import vilref_fed  # noqa: F401  (pins the offline environment before anything else is imported)
+from client import (
+    cmd_eval,
+    cmd_join,
+    cmd_keys,
+    cmd_labels,
+    cmd_privacy,
+    cmd_screen,
+    cmd_site,
+    cmd_synth,
+    cmd_train,
+)
 from client.common import version_callback
 
 app = typer.Typer(
@@ -34,7 +43,9 @@ def _root(
     """Hospital side of vilref-fed."""
 
 
-for _module in (cmd_site, cmd_labels, cmd_synth, cmd_train, cmd_eval, cmd_join, cmd_screen, cmd_privacy):
+for _module in (
+    cmd_site, cmd_labels, cmd_synth, cmd_train, cmd_eval, cmd_join, cmd_screen, cmd_privacy, cmd_keys
+):
     _module.register(app)
 
 

@@ -5,11 +5,10 @@ Heavy imports happen inside the commands, so `--help` is instant.
 
 from __future__ import annotations
 
-import vilref_fed  # noqa: F401  (pins the offline environment before anything else is imported)
-
 import typer
 
-from server import cmd_consortium, cmd_run
+import vilref_fed  # noqa: F401  (pins the offline environment before anything else is imported)
+from server import cmd_consortium, cmd_pki, cmd_run
 from server.common import version_callback
 
 app = typer.Typer(
@@ -36,6 +35,7 @@ def _root(
 
 cmd_consortium.register(app)
 cmd_run.register(app)
+cmd_pki.register(app)
 
 
 def main() -> None:

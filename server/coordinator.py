@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from server.cert_checks import coordinator_certificate_checks
 from server.consortium import Consortium
 from server.db import AttemptRow, CoordinatorDB, RunRow
 from server.flower_app import write_app_dir
@@ -25,7 +26,7 @@ from server.run_config import RunConfig
 from server.sites import sync_registrations
 from server.superlink import SuperLink
 from vilref_fed.logs import get_logger
-from vilref_fed.security import check_certificate_validity
+from vilref_fed.security.expiry import expiry_warnings
 
 log = get_logger("server.coordinator")
 
@@ -115,12 +116,8 @@ class Coordinator:
 
     def start(self, resume: bool = False, ready_timeout: float = 60.0) -> str:
         """Start the SuperLink, sync registrations, submit the run. Returns the run uid."""
-        days = check_certificate_validity(self.c.server_cert)
-        if days < 30:
-            log.warning(
-                "the server certificate expires in %.0f days; renew it with init --renew-server-cert", days
-            )
-        check_certificate_validity(self.c.ca_cert)
+        for warning in expiry_warnings(coordinator_certificate_checks(self.c)):  # raises when expired
+            log.warning("%s", warning)
         active = self.db.active_sites()
         if len(active) < self.cfg.sites.min_sites:
             raise CoordinatorError(

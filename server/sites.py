@@ -133,4 +133,16 @@ def sync_registrations(c: Consortium, db: CoordinatorDB, cli: FlowerCLI) -> list
             with db.session() as s:
                 r = s.get(SiteRow, row.id)
                 r.registered = 1
+    # A key replaced or re-added while the coordinator was down left its old node registered in the
+    # SuperLink's state, with no row pointing at it any more: revoke every such orphan.
+    keep = {str(r.node_id) for r in db.all_sites() if r.node_id}
+    for node_id, status in live.items():
+        if status != "unregistered" and node_id not in keep:
+            try:
+                cli.unregister_node(node_id)
+            except FlowerCLIError as err:
+                if "not found" not in str(err).lower():
+                    raise
+            db.event("site-unregistered", f"node {node_id} (a replaced key) unregistered")
+            done.append(f"unregistered orphan node {node_id}")
     return done
