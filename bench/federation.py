@@ -114,10 +114,63 @@ def _ts(s: str) -> float:
     return dt.datetime.fromisoformat(s.rstrip("Z")).replace(tzinfo=dt.UTC).timestamp()
 
 
+def round_timelines(cluster, status: dict) -> dict[int, dict[str, float]]:
+    """Where each round's time went, for the site whose reply arrived last (the one the round waits
+    for): wall-clock stamps of the coordinator (round start, model sent, reply pulled: database and
+    wire audit) and of the site (handler entry and exit: its federation.log), all UTC."""
+    run_uid = status["run"]["uid"]
+    sent = {e["round"]: _ts(e["at"]) for e in status["events"] if e["kind"] == "round-sent"}
+    audit = [
+        json.loads(x) for x in (cluster.consortium.logs / "wire-audit.jsonl").read_text().splitlines() if x
+    ]
+    site_log: dict[tuple[str, int, str], float] = {}
+    for name, member in cluster.members.items():
+        for line in (member.site_dir / "logs" / "federation.log").read_text(encoding="utf-8").splitlines():
+            stamp, _, rest = line.partition(" ")
+            if not rest.startswith(f"run {run_uid} round "):
+                continue
+            n = int(rest.split()[3].rstrip(":"))
+            kind = "recv" if "received the global model" in rest else "done" if ": done in" in rest else None
+            if kind:
+                site_log[(name, n, kind)] = _ts(stamp)
+    out: dict[int, dict[str, float]] = {}
+    for r in status["rounds"]:
+        n = r["round"]
+        replies = [a for a in audit if a["round"] == n and a["run_uid"] == run_uid]
+        last = max(replies, key=lambda a: a["at"])
+        site = last["site"]
+        m = [s["metrics"] for s in r["sites"] if s["site"] == site][0]
+        start = _ts(status_round_start(cluster, n))
+        t_recv, t_done = site_log[(site, n, "recv")], site_log[(site, n, "done")]
+        inside = m.get("setup_s", 0.0) + m["train_s"] + m.get("eval_s", 0.0)
+        out[n] = {
+            "before_send_s": sent[n] - start,
+            "delivery_s": t_recv - sent[n],
+            "setup_s": m.get("setup_s", 0.0),
+            "train_s_last_site": m["train_s"],
+            "eval_s": m.get("eval_s", 0.0),
+            "handler_other_s": max(t_done - t_recv - inside, 0.0),
+            "return_s": last["at"] - t_done,
+            "after_last_reply_s": r["duration_s"] - (last["at"] - start),
+        }
+    return out
+
+
+def status_round_start(cluster, round_no: int) -> str:
+    from server.db import CoordinatorDB, RoundRow
+
+    db = CoordinatorDB(cluster.consortium.database_url())
+    try:
+        with db.session() as s:
+            row = s.query(RoundRow).filter(RoundRow.round_no == round_no).one()
+            return row.started_at.isoformat()
+    finally:
+        db.close()
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from server.db import CoordinatorDB, RoundRow
     from server.local_cluster import LocalCluster
     from vilref_fed.model import build_model, shared_state_dict
 
@@ -150,50 +203,47 @@ def main(argv: list[str] | None = None) -> dict:
     if status["run"]["status"] != "completed":
         raise SystemExit(f"the benchmark run did not complete: {status['run']}")
 
-    db = CoordinatorDB(cluster.consortium.database_url())
-    try:
-        with db.session() as s:
-            started = {r.round_no: r.started_at for r in s.query(RoundRow)}
-    finally:
-        db.close()
-    first_round_start = started[1].replace(tzinfo=dt.UTC).timestamp()
+    timeline = round_timelines(cluster, status)
     rounds = []
     for r in status["rounds"]:
         sites_m = [s["metrics"] for s in r["sites"] if s["status"] == "accepted"]
+        tl = timeline[r["round"]]
         rounds.append({
             "round": r["round"],
             "wall_s": r["duration_s"],
             "slowest_train_s": max(m["train_s"] for m in sites_m),
-            "slowest_setup_s": max(m.get("setup_s", 0.0) for m in sites_m),
-            "server_aggregate_s": r["metrics"].get("server_aggregate_s", 0.0),
-            "eval_s": max(m.get("eval_s", 0.0) for m in sites_m),
+            **tl,
         })  # fmt: skip
     steady = rounds[1:] if len(rounds) > 1 else rounds
-    wall = statistics.median(x["wall_s"] for x in steady)
-    train = statistics.median(x["slowest_train_s"] for x in steady)
-    setup = statistics.median(x["slowest_setup_s"] for x in steady)
-    agg = statistics.median(x["server_aggregate_s"] for x in steady)
-    ev = statistics.median(x["eval_s"] for x in steady)
+
+    def med(key: str) -> float:
+        return float(statistics.median(x[key] for x in steady))
+
+    wall, train = med("wall_s"), med("slowest_train_s")
     recv, sent = fleet_traffic(cluster.consortium.superlink_db)
     per_site_round_up = recv / (args.sites * args.rounds)
     per_site_round_down = sent / (args.sites * args.rounds)
     payload_up = statistics.median(r["bytes_received"] / max(r["sites_sampled"], 1) for r in status["rounds"])
     cold = clientapp_cold_start_s(args.threads)
+    t_first = min(_ts(e["at"]) for e in status["events"] if e["kind"] == "round-sent" and e["round"] == 1)
     result = {
         "round_overhead_ratio": wall / train - 1.0,
         "bytes_ratio": per_site_round_up / fp32_bytes,
-        "startup_s": first_round_start - t_launch,
+        "startup_s": t_first - t_launch,
         "superlink_ready_s": superlink_ready_s,
         "round_wall_s": wall,
         "slowest_local_train_s": train,
         "overhead_s": wall - train,
         "overhead_breakdown_s": {
-            "site_setup_in_clientapp": setup,
-            "zero_shot_eval_in_reply": ev,
-            "coordinator_checks_and_aggregation": agg,
-            "clientapp_cold_start_measured_separately": cold,
-            "flower_messaging_and_polling_rest": max(wall - train - setup - agg - ev - cold, 0.0),
+            "before_send_site_wait_and_push": med("before_send_s"),
+            "delivery_supernode_poll_and_clientapp_start": med("delivery_s"),
+            "site_setup_in_handler": med("setup_s"),
+            "zero_shot_eval_in_reply": med("eval_s"),
+            "handler_other": med("handler_other_s"),
+            "reply_return_and_serverapp_poll": med("return_s"),
+            "checks_aggregation_after_last_reply": med("after_last_reply_s"),
         },
+        "clientapp_process_cold_start_s": cold,
         "bytes_up_per_site_round": per_site_round_up,
         "bytes_down_per_site_round": per_site_round_down,
         "download_ratio": per_site_round_down / fp32_bytes,

@@ -19,9 +19,9 @@ def join(
     site_dir: Path = typer.Option(
         ..., "--site-dir", help="The site directory (created by `vilref-client init`)."
     ),
-    server: str = typer.Option(..., "--server", help="The coordinator's address, HOST:PORT."),
+    server: str = typer.Option("", "--server", help="The coordinator's address, HOST:PORT."),
     ca: Path = typer.Option(
-        ..., "--ca", help="The consortium's CA certificate (ca.crt from the coordinator)."
+        None, "--ca", help="The consortium's CA certificate (ca.crt from the coordinator)."
     ),
     port: int = typer.Option(
         0, "--port", help="Local Runtime API port of this SuperNode (default: a free one)."
@@ -70,6 +70,8 @@ def join(
         )
     if key_only:
         return
+    if not server or ca is None:
+        fail("--server HOST:PORT and --ca ca.crt are required to join (the coordinator gives both)")
     if ":" not in server or not server.rsplit(":", 1)[1].isdigit():
         fail(f"--server {server!r} must be HOST:PORT, e.g. fl.consortium.org:9092")
     ca = ca.expanduser().resolve()

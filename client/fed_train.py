@@ -168,6 +168,7 @@ def run_round(site_dir: Path, arrays: Any, cfg: dict[str, Any]) -> tuple[Any, di
     except SiteError as err:
         raise SiteRefusal(f"site directory cannot be opened: {err}") from None
     logs_dir = site.logs_dir
+    append_federation_log(logs_dir, f"run {run_uid} round {round_no}: received the global model")
     try:
         check_compatibility(site, cfg)
         tcfg = train_config(site_dir, cfg)

@@ -63,6 +63,6 @@ def label_ontology_hashes(engine: object) -> set[str]:
 def append_federation_log(logs_dir: Path, line: str) -> None:
     """One line per event for hospital IT; callers pass counts, timings and reasons only."""
     logs_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     with open(logs_dir / FED_LOG, "a", encoding="utf-8") as f:
         f.write(f"{stamp} {line}\n")

@@ -214,6 +214,12 @@ class RoundLoop:
         with self.db.session() as ses:
             row = ses.get(RoundRow, round_id)
             row.sites_sampled = len(pending)
+        self.db.event(
+            "round-sent",
+            f"round {round_no}: global model sent to {len(pending)} sites",
+            run_uid=self.run.uid,
+            round_no=round_no,
+        )
         log.info("round %d: sent the global model to %d sites", round_no, len(pending))
 
         outcomes: dict[int, SiteOutcome] = {}
