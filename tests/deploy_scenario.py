@@ -380,13 +380,19 @@ class Service:
 
 
 def wait_for(predicate: Any, timeout: float, what: str, services: list[Service] = (), interval=0.5) -> None:
+    """Poll until `predicate()`; fail at once if one of `services` exits, or after `timeout`."""
     deadline = time.monotonic() + timeout
+
+    def tails() -> str:
+        return "\n".join(f"--- {s.name}:\n{s.proc.log_tail(20) if s.proc else ''}" for s in services)
+
     while not predicate():
         for s in services:
             s.observe()
+            if not s.alive() and not predicate():
+                raise AssertionError(f"{s.name} exited ({s.proc.returncode()}) before {what}\n{tails()}")
         if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {s.name}:\n{s.proc.log_tail(20) if s.proc else ''}" for s in services)
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails()}")
         time.sleep(interval)
 
 
