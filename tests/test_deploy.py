@@ -204,6 +204,7 @@ def test_exec_start_parses_against_the_cli(path: Path):
 def _all_documented_commands() -> list[tuple[str, list[str]]]:
     out = [("runbook", c) for c in runbook_commands(RUNBOOK)]
     out += [("pki/README", c) for c in runbook_commands(PKI_README)]
+    out += [("README", c) for c in runbook_commands(RUNBOOK.parents[1] / "README.md")]
     out += [("demo-setup.sh", c) for c in vilref_commands(DEMO_SETUP.read_text(encoding="utf-8"))]
     for name, svc in _compose()["services"].items():
         cmd = svc.get("command")
