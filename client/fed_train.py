@@ -173,6 +173,12 @@ def run_round(site_dir: Path, arrays: Any, cfg: dict[str, Any]) -> tuple[Any, di
         check_compatibility(site, cfg)
         tcfg = train_config(site_dir, cfg)
         model = build_model(str(cfg[protocol.MODEL_NAME]), pretrained=False)
+        expected = cfg.get(protocol.PARAM_SPEC_HASH)
+        if expected and protocol.spec_hash(protocol.param_spec(shared_state_dict(model))) != expected:
+            raise SiteRefusal(
+                "the shared parameters of this site's model (names, shapes, dtypes) differ from the "
+                "consortium's; install the consortium's vilref-fed version"
+            )
         try:
             load_shared_state_dict(model, arrays)
         except ValueError as err:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,14 +82,17 @@ def restore_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
 def save_round_checkpoint(
     path: Path,
     round_no: int,
-    arrays: ArrayRecord,
+    named: Mapping[str, np.ndarray],
     strategy: Any,
     meta: dict[str, Any],
 ) -> Path:
+    """`named`: the global weights by parameter name (unpacked), what export and resume read."""
     payload = {
         "format": FORMAT,
         "round": int(round_no),
-        "arrays": OrderedDict((k, torch.from_numpy(a.numpy().copy())) for k, a in arrays.items()),
+        "arrays": OrderedDict(
+            (k, torch.from_numpy(np.array(v, order="C", copy=True))) for k, v in named.items()
+        ),
         "strategy_state": strategy_state(strategy),
         "meta": dict(meta),
     }
@@ -115,5 +119,6 @@ def load_round_checkpoint(path: Path) -> dict[str, Any]:
     return data
 
 
-def checkpoint_arrays(data: dict[str, Any]) -> ArrayRecord:
-    return numpy_to_arrays(OrderedDict((k, t.numpy()) for k, t in data["arrays"].items()))
+def checkpoint_arrays(data: dict[str, Any]) -> OrderedDict[str, np.ndarray]:
+    """The checkpoint's global weights by parameter name."""
+    return OrderedDict((k, t.numpy()) for k, t in data["arrays"].items())

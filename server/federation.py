@@ -106,6 +106,7 @@ class RoundLoop:
     checkpoint_path: Callable[[int], Path]
     audit_path: Path | None = None
     base_config: dict[str, Any] = field(default_factory=dict)
+    spec: protocol.ParamSpec | None = None  # packed wire format (server/protocol.py); None: as named
     _first_round_of_attempt: bool = True
 
     # ------------------------------------------------------------------ sites
@@ -170,6 +171,19 @@ class RoundLoop:
                     row.last_state = "online"
                     row.node_id = str(node_id)
 
+    def _refresh_states(self, round_no: int, nodes: dict[int, str], pending: set[int]) -> None:
+        online = {int(n.node_id) for n in self.grid.get_nodes() if n.status == "online"}
+        with self.db.session() as ses:
+            for node_id, name in nodes.items():
+                row = ses.scalars(select(SiteRow).where(SiteRow.name == name)).first()
+                if row is None:
+                    continue
+                if node_id in online:
+                    row.last_seen_at = utcnow()
+                    row.last_state = f"training r{round_no}" if node_id in pending else f"done r{round_no}"
+                else:
+                    row.last_state = "offline"
+
     # ------------------------------------------------------------------ one round
     def train_config(self, round_no: int) -> ConfigRecord:
         r = self.cfg.run
@@ -224,8 +238,16 @@ class RoundLoop:
 
         outcomes: dict[int, SiteOutcome] = {}
         t_min_reached: float | None = None
+        t_seen = time.monotonic()
+        pull_s = 0.0
         while pending:
-            for reply in self.grid.pull_messages(list(pending)):
+            if time.monotonic() - t_seen > 10.0:  # keep "last seen" fresh for status/live views
+                t_seen = time.monotonic()
+                self._refresh_states(round_no, nodes, set(pending.values()))
+            t_pull = time.monotonic()
+            pulled = list(self.grid.pull_messages(list(pending)))
+            pull_s += time.monotonic() - t_pull
+            for reply in pulled:
                 mid = reply.metadata.reply_to_message_id
                 if mid not in pending:
                     continue
@@ -308,6 +330,7 @@ class RoundLoop:
 
         metrics = aggregate_metrics([o.verdict for o in good])  # type: ignore[misc]
         metrics["server_aggregate_s"] = time.monotonic() - t_agg
+        metrics["server_pull_s"] = pull_s
         trained = [o.verdict for o in outcomes.values() if o.verdict is not None]
         metrics["slowest_train_s"] = max(float(v.metrics.get("train_s", 0.0)) for v in trained)
         duration = time.monotonic() - t_start
@@ -321,10 +344,12 @@ class RoundLoop:
             bytes_received=sum(o.bytes_received for o in outcomes.values()),
             num_examples=sum(o.verdict.num_examples for o in good),  # type: ignore[union-attr]
         )
+        new_np = arrays_to_numpy(new_arrays)
+        named = protocol.unpack(new_np, self.spec) if self.spec is not None else new_np
         ckpt = save_round_checkpoint(
             self.checkpoint_path(round_no),
             round_no,
-            new_arrays,
+            named,
             self.strategy,
             meta={
                 "run_uid": self.run.uid,
@@ -356,7 +381,7 @@ class RoundLoop:
             status = "refused" if "SiteRefusal" in (reply.error.reason or "") else "failed"
             return SiteOutcome(node, site, status, reason[:500], bytes_sent=down)
         up = sum(payload_bytes(r) for r in reply.content.array_records.values())
-        verdict = structural_check(reply, global_np)
+        verdict = structural_check(reply, global_np, self.spec)
         status = "accepted" if verdict.ok else "rejected"
         return SiteOutcome(node, site, status, verdict.reason, verdict, bytes_sent=down, bytes_received=up)
 

@@ -30,15 +30,22 @@ def build_global_model(model_name: str, seed: int) -> Any:
     return build_model(model_name, pretrained=True)
 
 
-def initial_arrays(model_name: str, seed: int) -> Any:
-    """Round-0 weights: the shared part of a freshly built model (pretrained towers where the
-    configuration names offline weights)."""
-    from flwr.app import ArrayRecord
-
+def initial_state(model_name: str, seed: int) -> OrderedDict[str, Any]:
+    """Round-0 weights, named: the shared part of a freshly built model (pretrained towers where the
+    configuration names offline weights), as numpy arrays."""
     from vilref_fed.model import shared_state_dict
 
     model = build_global_model(model_name, seed)
-    return ArrayRecord(OrderedDict(sorted(shared_state_dict(model).items())))
+    return OrderedDict((k, v.numpy()) for k, v in sorted(shared_state_dict(model).items()))
+
+
+def initial_arrays(model_name: str, seed: int) -> Any:
+    """Round-0 weights as the packed ArrayRecord that travels (server/protocol.py)."""
+    from server.checkpoints import numpy_to_arrays
+    from server.protocol import pack, param_spec
+
+    state = initial_state(model_name, seed)
+    return numpy_to_arrays(pack(state, param_spec(state)))
 
 
 def export_model(arrays: OrderedDict[str, Any], model_name: str, out: Path, meta: dict[str, Any]) -> Path:

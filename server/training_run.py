@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from server import protocol
-from server.checkpoints import checkpoint_arrays, load_round_checkpoint, restore_strategy_state
+from server.checkpoints import (
+    checkpoint_arrays,
+    load_round_checkpoint,
+    numpy_to_arrays,
+    restore_strategy_state,
+)
 from server.consortium import open_consortium
 from server.db import AttemptRow, CoordinatorDB, RunRow, utcnow
 from server.federation import FederationError, RoundLoop
@@ -95,7 +101,7 @@ def run_training(grid: Any, run_config: dict[str, Any], flower_run_id: int | str
 
 
 def _run_rounds(grid: Any, c: Any, cfg: Any, db: CoordinatorDB, run: RunRow, attempt_id: int) -> None:
-    from server.global_model import initial_arrays, model_config_hash
+    from server.global_model import initial_state, model_config_hash
 
     expected = model_config_hash(cfg.run.model)
     if cfg.run.model_config_hash and cfg.run.model_config_hash != expected:
@@ -115,7 +121,7 @@ def _run_rounds(grid: Any, c: Any, cfg: Any, db: CoordinatorDB, run: RunRow, att
             raise FederationError(
                 f"checkpoint {last.checkpoint} holds round {data['round']}, expected {last.round_no}"
             )
-        arrays = checkpoint_arrays(data)
+        named = checkpoint_arrays(data)
         restore_strategy_state(strategy, data.get("strategy_state", {}))
         start = last.round_no + 1
         db.event("resume", f"resuming after completed round {last.round_no}", run_uid=run.uid, round_no=start)
@@ -125,9 +131,9 @@ def _run_rounds(grid: Any, c: Any, cfg: Any, db: CoordinatorDB, run: RunRow, att
         if cfg.run.task == "head":  # supervised head (docs/privacy.md): zero head + image encoder
             from server.head_task import initial_head_record
 
-            arrays = initial_head_record(cfg)
+            named = OrderedDict((k, a.numpy()) for k, a in sorted(initial_head_record(cfg).items()))
         else:
-            arrays = initial_arrays(cfg.run.model, cfg.run.seed)
+            named = initial_state(cfg.run.model, cfg.run.seed)
         log.info("initial %s weights built in %.1f s", cfg.run.model, time.monotonic() - t0)
         start = 1
         db.event(
@@ -140,6 +146,8 @@ def _run_rounds(grid: Any, c: Any, cfg: Any, db: CoordinatorDB, run: RunRow, att
         a = s.get(AttemptRow, attempt_id)
         a.start_round = start
 
+    spec = protocol.param_spec(named)
+    arrays = numpy_to_arrays(protocol.pack(named, spec))
     loop = RoundLoop(
         grid=grid,
         cfg=cfg,
@@ -149,7 +157,13 @@ def _run_rounds(grid: Any, c: Any, cfg: Any, db: CoordinatorDB, run: RunRow, att
         strategy=strategy,
         checkpoint_path=c.checkpoint_path,
         audit_path=c.logs / "wire-audit.jsonl",
-        base_config={protocol.TOOLKIT_VERSION: _toolkit_version(), **_task_config(cfg)},
+        base_config={
+            protocol.TOOLKIT_VERSION: _toolkit_version(),
+            protocol.PARAM_SPEC: protocol.spec_to_json(spec),
+            protocol.PARAM_SPEC_HASH: protocol.spec_hash(spec),
+            **_task_config(cfg),
+        },
+        spec=spec,
     )
     for round_no in range(start, cfg.run.rounds + 1):
         result = loop.run_round(round_no, arrays)

@@ -75,8 +75,11 @@ def payload_bytes(rec: ArrayRecord) -> int:
     return int(sum(len(a.data) for a in rec.values()))
 
 
-def structural_check(msg: Message, global_arrays: dict[str, np.ndarray]) -> Verdict:
-    """Shape, kind and finiteness of one reply; the norm is computed but judged by `judge_norms`."""
+def structural_check(
+    msg: Message, global_arrays: dict[str, np.ndarray], spec: protocol.ParamSpec | None = None
+) -> Verdict:
+    """Shape, kind and finiteness of one reply; the norm is computed but judged by `judge_norms`.
+    With the parameter `spec` of packed replies, a bad value is reported by parameter name."""
     content = msg.content
     array_records = list(content.array_records.items())
     metric_records = list(content.metric_records.items())
@@ -106,8 +109,12 @@ def structural_check(msg: Message, global_arrays: dict[str, np.ndarray]) -> Verd
                 False, f"array {k} has shape {tuple(a.shape)}/{a.dtype}, expected {tuple(g.shape)}/{g.dtype}"
             )
         x = a.numpy()
-        if not np.all(np.isfinite(x)):
-            return Verdict(False, f"update contains NaN or Inf values (array {k})")
+        finite = np.isfinite(x)
+        if not finite.all():
+            where = k
+            if spec is not None and k.startswith(protocol.PACKED_PREFIX):
+                where = protocol.locate(spec, k, int(np.flatnonzero(~finite.ravel())[0]))
+            return Verdict(False, f"update contains NaN or Inf values (parameter {where})")
         d = x.astype(np.float64) - g.astype(np.float64)
         sq += float(np.dot(d.ravel(), d.ravel()))
     vals: dict[str, float] = {}

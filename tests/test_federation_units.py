@@ -224,13 +224,12 @@ def test_fedadam_resumes_exactly_from_checkpoint(tmp_path):
 
     s2 = build_strategy(cfg)
     a1 = step(s2, 1, g0)
-    rec1 = ArrayRecord(OrderedDict((k, Array(np.asarray(v))) for k, v in a1.items()))
-    save_round_checkpoint(tmp_path / "round-0001.pt", 1, rec1, s2, {"run_uid": "x"})
+    save_round_checkpoint(tmp_path / "round-0001.pt", 1, a1, s2, {"run_uid": "x"})
     data = load_round_checkpoint(tmp_path / "round-0001.pt")
     assert data["round"] == 1 and set(data["strategy_state"]) == {"m_t", "v_t"}
     s3 = build_strategy(cfg)
     restore_strategy_state(s3, data["strategy_state"])
-    resumed = step(s3, 2, OrderedDict((k, a.numpy()) for k, a in checkpoint_arrays(data).items()))
+    resumed = step(s3, 2, checkpoint_arrays(data))
     for k in straight:
         np.testing.assert_array_equal(resumed[k], straight[k])
     assert resumed["logit_scale"].shape == ()  # 0-d arrays keep their shape through a checkpoint
@@ -243,6 +242,43 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_round_checkpoint(bad)
+
+
+# ----------------------------------------------------------------------------------------- packing
+def test_pack_unpack_roundtrip_against_the_model_layout():
+    import torch
+
+    from vilref_fed.model import build_model, shared_state_dict
+
+    sd = shared_state_dict(build_model("tiny"))
+    spec = protocol.param_spec(sd)
+    packed = protocol.pack(sd, spec)
+    assert list(packed) == ["params.float32"]
+    assert packed["params.float32"].shape == (sum(v.numel() for v in sd.values()),)
+    back = protocol.unpack(packed, spec)
+    assert list(back) == sorted(sd)
+    for k, v in sd.items():
+        assert torch.equal(torch.from_numpy(np.array(back[k])), v), k
+    assert protocol.spec_from_json(protocol.spec_to_json(spec)) == spec
+    # Every element belongs to exactly one parameter, in spec order.
+    name, shape, _ = spec[3]
+    start = sum(int(np.prod(s)) for _, s, _ in spec[:3])
+    assert protocol.locate(spec, "params.float32", start) == name
+    assert protocol.locate(spec, "params.float32", start + int(np.prod(shape)) - 1) == name
+    with pytest.raises(ValueError, match="expected"):
+        protocol.unpack({"params.float32": packed["params.float32"][:-1]}, spec)
+    with pytest.raises(ValueError, match="do not match the parameter spec"):
+        protocol.unpack({"params.float16": packed["params.float32"]}, spec)
+
+
+def test_packed_nan_is_reported_by_parameter_name():
+    g = _global()
+    spec = protocol.param_spec(g)
+    gp = protocol.pack(g, spec)
+    bad = {k: v.copy() for k, v in gp.items()}
+    bad["params.float32"][-1] = np.nan  # the last element: logit_scale (sorted after a.weight)
+    v = structural_check(_reply(bad), gp, spec)
+    assert not v.ok and "parameter logit_scale" in v.reason
 
 
 # ----------------------------------------------------------------------------------------- protocol

@@ -48,7 +48,7 @@ def site(tmp_path_factory) -> Path:
 
 def _instruction(model_name: str = "tiny", **overrides) -> Message:
     import vilref_fed
-    from server.global_model import initial_arrays, model_config_hash
+    from server.global_model import initial_arrays, initial_state, model_config_hash
     from vilref_fed.ontology import load_ontology
 
     cfg = {
@@ -58,6 +58,12 @@ def _instruction(model_name: str = "tiny", **overrides) -> Message:
         protocol.EVALUATE: True, protocol.PROMPT_LANGUAGE: "zh", protocol.SEED: 0,
         "train.batch_size": 8, "train.queue_size": QUEUE_SIZE, "train.warmup_steps": 0,
     }  # fmt: skip
+    state = initial_state(model_name, 0)
+    spec = protocol.param_spec(state)
+    cfg[protocol.PARAM_SPEC], cfg[protocol.PARAM_SPEC_HASH] = (
+        protocol.spec_to_json(spec),
+        protocol.spec_hash(spec),
+    )
     cfg.update(overrides)
     content = RecordDict({protocol.ARRAYS: initial_arrays(model_name, 0), protocol.CONFIG: ConfigRecord(cfg)})
     msg = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
@@ -85,12 +91,17 @@ def test_clientapp_reply_holds_only_shared_parameters_and_scalar_metrics(site):
     arrays, metrics = reply.content[protocol.ARRAYS], reply.content[protocol.METRICS]
     assert isinstance(arrays, ArrayRecord) and isinstance(metrics, MetricRecord)
     expected = shared_state_dict(build_model("tiny"))
-    assert list(arrays.keys()) == sorted(expected)
-    n_train = len(SiteDataset(site, "train"))
-    for k, a in arrays.items():
+    spec = protocol.param_spec(expected)
+    # On the wire: one packed float32 vector with exactly as many values as the shared parameters.
+    assert {k: tuple(a.shape) for k, a in arrays.items()} == {
+        "params.float32": (sum(v.numel() for v in expected.values()),)
+    }
+    named = protocol.unpack({k: a.numpy() for k, a in arrays.items()}, spec)
+    assert list(named) == sorted(expected)
+    for k, a in named.items():
         assert tuple(a.shape) == tuple(expected[k].shape) and str(a.dtype) == "float32", k
-        assert QUEUE_SIZE not in a.shape, k  # nothing shaped like a memory queue
-        assert np.isfinite(a.numpy()).all()
+        assert np.isfinite(a).all()
+    n_train = len(SiteDataset(site, "train"))
     for k, v in metrics.items():
         assert k in protocol.REPLY_METRICS and isinstance(v, (int, float)), (k, v)
     assert metrics[protocol.NUM_EXAMPLES] == n_train
