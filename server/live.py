@@ -62,7 +62,7 @@ def status_dict(db: CoordinatorDB, run_uid: str | None = None) -> dict[str, Any]
         )
     events = [
         {
-            "at": e.at.isoformat(timespec="seconds") + "Z",
+            "at": e.at.isoformat(timespec="milliseconds") + "Z",
             "level": e.level,
             "kind": e.kind,
             "round": e.round_no,
