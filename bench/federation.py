@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--eval-every", type=int, default=0, help="zero-shot eval in the reply every N rounds (0: off)"
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--poll", type=float, default=0.5, help="coordinator's reply poll interval (sites.poll_interval_s)")
+    p.add_argument("--poll", type=float, default=0.5, help="coordinator's reply poll (sites.poll_interval_s)")
     p.add_argument("--workdir", type=Path, default=None, help="keep everything here (default: a temp dir)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "federation.json")
     return p.parse_args(argv)
@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {
             "model": args.model, "sites": args.sites, "rounds": args.rounds, "local_steps": args.local_steps,
             "batch": args.batch, "images_per_site": args.images, "eval_every": args.eval_every,
-            "threads": args.threads, "poll_interval_s": args.poll, "torch": torch.__version__, "python": platform.python_version(),
+            "threads": args.threads, "poll_interval_s": args.poll, "torch": torch.__version__,
+            "python": platform.python_version(),
             "cpus": os.cpu_count(), "site_setup_s": sites_s,
         },
     }  # fmt: skip
