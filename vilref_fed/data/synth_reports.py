@@ -69,8 +69,18 @@ class _Lexicon:
             abbrevs = [a for a in lab.abbreviations if a]
             self.terms[lab.id] = [t for t in names if t] or [lab.name_en]
             self.terms[lab.id + "#abbr"] = abbrevs
+            # Every phrase the extractor reads as this label, including shared ("weak") lesions and
+            # phrases that mean "suspected": a descriptor naming any of them would add a label.
+            extra = [
+                *getattr(lab, "weak_synonyms_en", ()),
+                *getattr(lab, "weak_synonyms_zh", ()),
+                *getattr(lab, "uncertain_synonyms_en", ()),
+                *getattr(lab, "uncertain_synonyms_zh", ()),
+            ]
             all_terms[lab.id] = [
-                t for t in [lab.name_en, lab.name_zh, *lab.synonyms_en, *lab.synonyms_zh, *abbrevs] if t
+                t
+                for t in [lab.name_en, lab.name_zh, *lab.synonyms_en, *lab.synonyms_zh, *abbrevs, *extra]
+                if t
             ]
         normalised = {label: [norm(t) for t in ts] for label, ts in all_terms.items()}
         for lab in ontology.labels:
@@ -100,15 +110,19 @@ def _normaliser(ontology: Any):
         from vilref_fed.ontology.loader import normalise_term
     except ImportError:  # pragma: no cover - older ontology package
         normalise_term = str.lower
-    pairs = [(v, canon) for canon, variants in getattr(ontology, "spelling", ()) for v in variants]
-    # Variants are matched at a word start without a right boundary, so plurals change too.
-    alternation = "|".join(re.escape(v) for v, _ in sorted(pairs, key=lambda p: -len(p[0])))
-    pattern = re.compile(r"\b(" + alternation + r")") if pairs else None
-    canon_of = dict(pairs)
+    canon_of = {v: canon for canon, variants in getattr(ontology, "spelling", ()) for v in variants}
+    word = re.compile(r"[a-z]+")
+
+    def respell(m: re.Match) -> str:
+        w = m.group(0)
+        if w in canon_of:
+            return canon_of[w]
+        if w.endswith("s") and w[:-1] in canon_of:  # plural of a variant: "haemorrhages"
+            return canon_of[w[:-1]] + "s"
+        return w
 
     def norm(text: str) -> str:
-        t = normalise_term(text)
-        return pattern.sub(lambda m: canon_of[m.group(1)], t) if pattern is not None else t
+        return word.sub(respell, normalise_term(text))
 
     return norm
 
@@ -169,7 +183,10 @@ def _positive_en(rng, lex: _Lexicon, label: str, hedge: bool) -> str:
         ][form]
     d = lex.descriptor(rng, label) if label != "normal" else None
     if d and rng.random() < 0.45:
-        return f"{_cap(d)}, consistent with {t}."
+        # Name first most of the time ("Glaucoma: an enlarged cup ..."), so short-context text
+        # towers still read the finding's name; description first otherwise.
+        form = int(rng.integers(0, 3))
+        return [f"{_cap(t)}: {d}.", f"{_cap(t)}, with {d}.", f"{_cap(d)}, consistent with {t}."][form]
     form = int(rng.integers(0, 4))
     return [f"{_cap(t)}.", f"There is {t}.", f"{_cap(t)} is present.", f"Findings of {t}."][form]
 
@@ -207,7 +224,8 @@ def _positive_zh(rng, lex: _Lexicon, label: str, hedge: bool) -> str:
         return [f"疑似{t}。", f"可疑{t}。", f"考虑{t}可能。", f"{t}待排。", f"不除外{t}。"][form]
     d = lex.descriptor(rng, label) if label != "normal" else None
     if d and rng.random() < 0.45:
-        return f"{d}，符合{t}表现。"
+        form = int(rng.integers(0, 3))
+        return [f"{t}：{d}。", f"{t}，{d}。", f"{d}，符合{t}表现。"][form]
     form = int(rng.integers(0, 4))
     return [f"{t}。", f"可见{t}。", f"提示{t}。", f"见{t}改变。"][form]
 
