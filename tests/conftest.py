@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import random
 
-import vilref_fed  # noqa: F401  (pins HF_HUB_OFFLINE etc. before transformers is imported)
-
 import numpy as np
 import pytest
+
+import vilref_fed  # noqa: F401  (pins HF_HUB_OFFLINE etc. before transformers is imported)
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

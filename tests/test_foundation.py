@@ -98,7 +98,8 @@ def test_console_scripts_run_as_processes():
 def test_sensitive_values_never_format():
     report = "Moderate NPDR with macular oedema OD. Patient John Smith."
     s = Sensitive(report)
-    assert report not in f"{s}" and report not in str(s) and report not in repr(s) and report not in "%s" % s
+    formatted = [f"{s}", str(s), repr(s), "%s" % (s,), f"{s:>80}"]  # noqa: UP031
+    assert all(report not in text for text in formatted)
     assert "redacted" in str(s)
     assert s.value == report
 

@@ -19,7 +19,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
-    """Any 2-D grey or 3-channel array (8/16-bit, int or float) -> HxWx3 uint8, rescaled by its dynamic range."""
+    """Any 2-D grey or 3-channel array (8/16-bit, int or float) -> HxWx3 uint8, rescaled to its range."""
     a = np.asarray(arr)
     if a.ndim == 2:
         a = np.stack([a, a, a], axis=-1)
@@ -58,8 +58,8 @@ def fov_bbox(rgb: np.ndarray, threshold: int = 12) -> tuple[int, int, int, int]:
 def canonical_image(arr: np.ndarray, size: int = DEFAULT_CANONICAL_SIZE) -> np.ndarray:
     """Crop to the field of view, pad to a centred square with black, resize to `size`: HxWx3 uint8."""
     rgb = to_rgb_uint8(arr)
-    t, b, l, r = fov_bbox(rgb)
-    crop = rgb[t:b, l:r]
+    top, bottom, left, right = fov_bbox(rgb)
+    crop = rgb[top:bottom, left:right]
     h, w = crop.shape[:2]
     side = max(h, w)
     square = np.zeros((side, side, 3), dtype=np.uint8)

@@ -48,14 +48,19 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 def current_version(conn: Connection, schema: str) -> int:
     conn.execute(
-        text("CREATE TABLE IF NOT EXISTS schema_version (schema_name VARCHAR(64) PRIMARY KEY, version INTEGER NOT NULL)")
+        text(
+            "CREATE TABLE IF NOT EXISTS schema_version "
+            "(schema_name VARCHAR(64) PRIMARY KEY, version INTEGER NOT NULL)"
+        )
     )
-    row = conn.execute(text("SELECT version FROM schema_version WHERE schema_name = :s"), {"s": schema}).first()
+    row = conn.execute(
+        text("SELECT version FROM schema_version WHERE schema_name = :s"), {"s": schema}
+    ).first()
     return int(row[0]) if row else 0
 
 
 def migrate(engine: Engine, schema: str, migrations: Sequence[Migration]) -> int:
-    """Apply the migrations after the recorded version, each in its own transaction. Returns the new version."""
+    """Apply the migrations after the recorded version, each in its own transaction; returns the version."""
     with engine.begin() as conn:
         version = current_version(conn, schema)
     for i in range(version, len(migrations)):
@@ -63,10 +68,12 @@ def migrate(engine: Engine, schema: str, migrations: Sequence[Migration]) -> int
             migrations[i](conn)
             if i == 0 and version == 0:
                 conn.execute(
-                    text("INSERT INTO schema_version (schema_name, version) VALUES (:s, :v)"), {"s": schema, "v": 1}
+                    text("INSERT INTO schema_version (schema_name, version) VALUES (:s, :v)"),
+                    {"s": schema, "v": 1},
                 )
             else:
                 conn.execute(
-                    text("UPDATE schema_version SET version = :v WHERE schema_name = :s"), {"s": schema, "v": i + 1}
+                    text("UPDATE schema_version SET version = :v WHERE schema_name = :s"),
+                    {"s": schema, "v": i + 1},
                 )
     return len(migrations)
