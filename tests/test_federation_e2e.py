@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -432,7 +433,7 @@ def test_missing_sites_time_out_with_a_clear_error(sites_root, tmp_path):
 
     cluster = LocalCluster(
         tmp_path, [sites_root["site-a"], sites_root["site-b"]], rounds=1, model="tiny", min_sites=2,
-        local_epochs=0, local_steps=1, train=TRAIN, sites={**SITES, "wait_for_sites_s": 8.0}, env=ENV,
+        local_epochs=0, local_steps=1, train=TRAIN, sites={**SITES, "wait_for_sites_s": 20.0}, env=ENV,
     )  # fmt: skip
     cluster.init()
     try:
@@ -444,5 +445,8 @@ def test_missing_sites_time_out_with_a_clear_error(sites_root, tmp_path):
     assert cluster.coordinator is not None and cluster.coordinator.returncode() == 1
     assert st["run"]["status"] == "failed"
     msg = st["run"]["message"]
-    assert "only 1 of the minimum 2 sites connected after 8 s" in msg and "site-b" in msg, msg
-    assert "only 1 of the minimum 2 sites" in " ".join(cluster.coordinator.log_text().split())
+    # site-a is normally online by then; on a loaded machine its SuperNode may still be starting.
+    assert re.search(
+        r"only [01] of the minimum 2 sites connected after 20 s \(waiting for (site-a, )?site-b\)", msg
+    ), msg
+    assert "of the minimum 2 sites connected" in " ".join(cluster.coordinator.log_text().split())
