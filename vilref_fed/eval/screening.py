@@ -438,6 +438,7 @@ def run_screening(model, meta: dict[str, Any], options: ScreenOptions, console=N
         for f, p in zip(batch, probs, strict=True):
             images.append(ScreenedImage(f["image_key"], f["study_key"], f["laterality"], p))
 
+    loop_started = time.perf_counter()
     with _progress(console, len(files), options.progress) as advance:
         for items in batches:
             for item in items:
@@ -456,6 +457,10 @@ def run_screening(model, meta: dict[str, Any], options: ScreenOptions, console=N
             flush(pending)
             advance(0, len(images))
     elapsed = time.perf_counter() - started
+    timing = {
+        "startup_s": round(loop_started - started, 3),
+        "scoring_s": round(elapsed - (loop_started - started), 3),
+    }
 
     flag_images(images, label_ids, thresholds)
     images = sort_images(images)
@@ -474,6 +479,7 @@ def run_screening(model, meta: dict[str, Any], options: ScreenOptions, console=N
         str(device),
         options.batch_size,
         elapsed,
+        timing,
     )
     if not images:
         write_json(out_dir / SUMMARY_JSON, summary)
@@ -636,6 +642,7 @@ def build_summary(
     device: str,
     batch_size: int,
     elapsed: float,
+    timing: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The JSON summary for other systems: counts, per-label statistics, thresholds, flagged studies."""
     import vilref_fed
@@ -681,6 +688,8 @@ def build_summary(
         "device": device,
         "batch_size": int(batch_size),
         "elapsed_s": round(elapsed, 3),
+        # start-up (discovery, model to device, prompt embedding) vs the decode-and-score loop
+        "timing": dict(timing or {}),
         "images_per_s": round(len(images) / elapsed, 3) if elapsed > 0 else 0.0,
         "counts": {
             "files_found": len(files),
