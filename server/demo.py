@@ -189,7 +189,7 @@ def main(
             _client("train", "--site-dir", str(site), "--model", model,
                     "--max-steps", str(rounds * local_steps),
                     "--batch-size", str(batch_size), "--lr", "2e-3", "--seed", str(seed), "--out", str(out),
-                    "--threads", "2", "--no-progress"),
+                    "--threads", "1", "--no-progress"),
             logs / f"train-alone-{s.name}.log",
         )  # fmt: skip
         alone[s.name] = out / "model.pt"
