@@ -34,6 +34,7 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/labels.py
 	$(BIN)/python bench/step.py
+	$(BIN)/python bench/screen.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
