@@ -21,6 +21,10 @@ transposed; for the ResNet, whose attention pooling already projects, `image_pro
 identity). Every source tensor must land somewhere and every target tensor must be filled, or the
 import fails: a silently half-loaded model would screen with random weights.
 
+Attention heads cannot be read off the weights: like Chinese-CLIP's own configs, the importer assumes
+64-dimensional heads (ViT-B/16: 12, RN50 pooling: 32, BERT-base: 12), which holds for every
+Chinese-CLIP model except ViT-H-14 (80-dimensional heads), which ViLReF does not use.
+
 Tokenizer vocabulary: the released models use the 21,128-token Chinese BERT WordPiece vocabulary
 (`vocab.txt` in Chinese-CLIP's cn_clip/clip/ and in ViLReF/clip/). It is the file vendored at
 vilref_fed/model/vocab/bert_chinese_vocab.txt, used by default; a site holding its own copy can pass
