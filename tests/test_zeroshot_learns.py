@@ -40,7 +40,7 @@ def test_tiny_model_learns_zero_shot_on_held_out_synthetic_images(tmp_path):
         before = evaluate_zeroshot(model, test, ontology, lang="en")
         config = TrainConfig(
             objective="wscl",
-            batch_size=32,
+            batch_size=64,
             lr=2e-3,
             warmup_steps=20,
             max_steps=240,
