@@ -133,11 +133,9 @@ def _context(args: argparse.Namespace, seed: int) -> QualityContext:
     for i, name in enumerate(SITES):
         tr, te = data_dir / f"{name}-train", data_dir / f"{name}-test"
         for d, n, s in ((tr, args.n_train, 1000 + seed * 10 + i), (te, args.n_test, 5000 + seed * 10 + i)):
-            if (
-                not (d / "manifest.json").is_file()
-                or json.loads((d / "manifest.json").read_text())["n_images"] != n
-            ):
+            if not _cached(d, name, n, s, args.gen_size):
                 generate_site(d, n, name, seed=s, image_size=args.gen_size)
+                (d / "bench_key.json").write_text(json.dumps(_cache_key(name, n, s, args.gen_size)))
         site_dirs[name] = tr
         sites[name] = FolderPairDataset(tr, *norm, labels_from=args.labels)
         tests.append(FolderPairDataset(te, *norm))
@@ -153,6 +151,18 @@ def _context(args: argparse.Namespace, seed: int) -> QualityContext:
         device="cpu",
     )
     return QualityContext(seed, data_dir, site_dirs, sites, ConcatPairs(tests), mcfg, tcfg, args.steps)
+
+
+def _cache_key(profile: str, n: int, seed: int, gen_size: int) -> dict[str, Any]:
+    from vilref_fed.data.synthetic import GENERATOR_VERSION
+
+    return {"profile": profile, "n": n, "seed": seed, "gen_size": gen_size, "generator": GENERATOR_VERSION}
+
+
+def _cached(d: Path, profile: str, n: int, seed: int, gen_size: int) -> bool:
+    """A hospital generated earlier with exactly these settings and this generator version."""
+    key = d / "bench_key.json"
+    return key.is_file() and json.loads(key.read_text()) == _cache_key(profile, n, seed, gen_size)
 
 
 def _summary(name: str, runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:

@@ -21,16 +21,20 @@ def register(app: typer.Typer) -> None:
         profile: str = typer.Option(
             "urban-dr",
             "--profile",
-            help="Site profile: urban-dr (en), myopia-clinic (zh), glaucoma-center (en), balanced (en).",
+            help="Site profile: urban-dr (en), myopia-clinic (zh), glaucoma-center (en), balanced (en), "
+            "coarse (en; only findings visible at 32-64 px).",
         ),
         seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same files."),
         dicom: bool = typer.Option(False, "--dicom", help="Also write Ophthalmic Photography DICOM files."),
+        image_size: int = typer.Option(
+            None, "--image-size", help="Scale the camera so its shorter side has this many pixels (>= 32)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Generate a synthetic hospital: fundus photographs (PNG, optionally OP DICOM), reports, true labels.
 
-        Reports are written in the profile's language from the consortium ontology; reports.csv links
-        to the DICOM files by accession number and eye, ready for `vilref-client ingest`.
+        Reports are written in the profile's language from the consortium ontology; reports.csv
+        links to the DICOM files by accession number and eye, ready for `vilref-client ingest`.
         """
         import json
 
@@ -43,6 +47,8 @@ def register(app: typer.Typer) -> None:
             fail(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
         if n < 1:
             fail("--n must be at least 1")
+        if image_size is not None and image_size < 32:
+            fail("--image-size must be at least 32 pixels")
         if out.exists() and not out.is_dir():
             fail(f"{out} exists and is not a directory; choose a new or empty directory for --out")
         if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists():
@@ -66,7 +72,9 @@ def register(app: typer.Typer) -> None:
                 def tick(done: int, total: int) -> None:
                     bar.update(task, completed=done, rate=done / max(time.perf_counter() - t0, 1e-9))
 
-                summary = generate_site(out, n=n, profile=profile, seed=seed, dicom=dicom, progress=tick)
+                summary = generate_site(
+                    out, n=n, profile=profile, seed=seed, dicom=dicom, progress=tick, image_size=image_size
+                )
         except OSError as exc:
             fail(f"cannot write to {out}: {exc.strerror or exc}; check the path and free space")
         if as_json:

@@ -46,7 +46,7 @@ from vilref_fed.data.synth_profiles import (
 )
 from vilref_fed.data.synth_reports import make_report
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 _FIRST_EN = (
     "James",
